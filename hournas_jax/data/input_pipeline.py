@@ -1,0 +1,149 @@
+"""HourNAS input pipeline: deterministic, resumable batches and mesh sharding.
+
+Splits: 'search_train' (first 80% of train, D_tr: supernet weights),
+'search_val' (last 20%, D_val: architecture parameters), 'train' (all of it,
+for retraining) and 'eval' (validation/test data).
+
+Batch k of an iterator depends only on (dataset, split, batch_size,
+image_size, seed, k), so a run killed at any point and restarted with
+start_step=k continues with exactly the batches it would have seen.
+"""
+
+import collections
+import itertools
+from typing import Any, Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hournas_jax.data import common
+from hournas_jax.data import digits
+
+Batch = dict[str, np.ndarray]
+
+
+def _tfds_pipeline():
+  # Imported on first use so that the digits path never loads TensorFlow.
+  from hournas_jax.data import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  return tfds_pipeline
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
+  """num_classes, default image_shape (H, W, C) and the size of each split.
+
+  For TFDS datasets this needs the prepared data (the split sizes come from
+  its metadata) and raises DataError otherwise.
+  """
+  common.check_dataset(name)
+  if name == 'digits':
+    size = digits.DEFAULT_IMAGE_SIZE
+    return {
+        'num_classes': digits.NUM_CLASSES,
+        'image_shape': (size, size, 1),
+        'splits': {split: digits.num_examples(split)
+                   for split in common.SPLITS},
+    }
+  return _tfds_pipeline().dataset_info(name, data_dir)
+
+
+def steps_per_epoch(name: str, split: str, batch_size: int, *,
+                    train: bool = True, data_dir: str | None = None) -> int:
+  """Batches per epoch of make_batches(name, split, batch_size, train=...).
+
+  Training counts full batches only; eval counts the padded last batch.
+  """
+  common.check_dataset(name)
+  common.check_split(split)
+  if name == 'digits':
+    common.local_batch_size(batch_size, jax.process_count())
+    return digits.steps_per_epoch(split, batch_size, train=train)
+  return _tfds_pipeline().steps_per_epoch(
+      name, split, batch_size, train=train, data_dir=data_dir,
+      process_count=jax.process_count())
+
+
+def _check_channels(name: str, channels: int | None) -> int:
+  if name == 'digits':
+    allowed = (1, 3)
+    channels = 1 if channels is None else channels
+  else:
+    allowed = (3,)
+    channels = 3 if channels is None else channels
+  if channels not in allowed:
+    raise common.DataError(
+        f'{name} supports channels in {allowed}, got {channels}.')
+  return channels
+
+
+def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
+                 seed: int, start_step: int = 0, train: bool = True,
+                 data_dir: str | None = None,
+                 channels: int | None = None) -> Iterator[Batch]:
+  """This process's share of each global batch, from batch start_step on.
+
+  Args:
+    name: 'imagenet2012', 'cifar10' or 'digits'.
+    split: 'search_train', 'search_val', 'train' or 'eval'.
+    batch_size: global batch size, divisible by jax.process_count().
+    image_size: output height and width.
+    seed: non-negative run seed; fixes the order and the augmentation.
+    start_step: index of the first batch to yield (for resuming).
+    train: True gives an endless, shuffled, augmented stream of full batches
+      (epoch e shuffled by (seed, e)); False gives one pass in a fixed order
+      whose last batch is padded, with a float32 'mask' (1 real, 0 padding)
+      in every batch so each example counts exactly once.
+    data_dir: TFDS data directory (TFDS default when None); unused by digits.
+    channels: digits only: 1 (default) or 3 (repeated gray); the others are
+      always RGB.
+
+  Returns:
+    Iterator of dicts: 'image' float32 (batch_size // process_count, H, W, C),
+    'label' int32, and 'mask' for eval. Errors in the request raise DataError
+    here, not on the first next().
+  """
+  common.check_dataset(name)
+  common.check_split(split)
+  channels = _check_channels(name, channels)
+  if image_size <= 0:
+    raise common.DataError(f'image_size must be positive, got {image_size}.')
+  if seed < 0 or start_step < 0:
+    raise common.DataError(
+        f'seed and start_step must be non-negative, got seed={seed}, '
+        f'start_step={start_step}.')
+  kwargs = dict(batch_size=batch_size, image_size=image_size, seed=seed,
+                start_step=start_step, train=train,
+                process_index=jax.process_index(),
+                process_count=jax.process_count())
+  if name == 'digits':
+    return digits.make_batches(split, channels=channels, **kwargs)
+  return _tfds_pipeline().make_batches(name, split, data_dir=data_dir,
+                                       **kwargs)
+
+
+def prefetch_to_mesh(iterator: Iterable[Batch], mesh: Mesh,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Turns host-local batches into global arrays split along the batch axis.
+
+  Keeps `size` batches already transferred, so copying the next batch to the
+  devices overlaps with the step that consumes the current one.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec('data'))
+  data_axis_size = mesh.shape['data']
+  process_count = jax.process_count()
+
+  def to_global(batch: Batch) -> dict[str, jax.Array]:
+    global_batch = len(next(iter(batch.values()))) * process_count
+    if global_batch % data_axis_size:
+      raise common.DataError(
+          f'global batch {global_batch} does not split over the {data_axis_size}'
+          f' devices of mesh axis "data"; use a batch_size divisible by '
+          f'{data_axis_size}.')
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+  iterator = iter(iterator)
+  queue = collections.deque(map(to_global, itertools.islice(iterator, size)))
+  while queue:
+    yield queue.popleft()
+    queue.extend(map(to_global, itertools.islice(iterator, 1)))

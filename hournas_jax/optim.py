@@ -1,0 +1,43 @@
+"""Losses and the weight optimiser shared by the single-path and whole-network engines.
+
+The weights' SGD is split into a direction (optax: weight decay, then momentum) and a learning
+rate passed in at every step, so the schedule lives outside the compiled programs and the
+optimizer state of each candidate is a separate sub-tree: a candidate that was not sampled in a
+step keeps its weights and momentum exactly (no decay or momentum drift), as PyTorch's
+implementations do by skipping parameters that got no gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def weight_direction(momentum: float = 0.9, weight_decay: float = 4e-5, nesterov: bool = False):
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.trace(decay=momentum, nesterov=nesterov))
+
+
+def sgd_update(direction: optax.GradientTransformation, params, opt_state, grads, lr):
+  updates, opt_state = direction.update(grads, opt_state, params)
+  params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+  return params, opt_state
+
+
+def init_candidate_states(direction, params):
+  """Optimizer state per candidate: {layer: {op: state}}, mirroring the variables."""
+  return {layer: {op: direction.init(p) for op, p in ops.items()}
+          for layer, ops in params.items()}
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def correct_topk(logits, labels, k: int = 1):
+  """Number of examples whose label is among the k highest logits."""
+  topk = jax.lax.top_k(logits, k)[1]
+  return jnp.sum(jnp.any(topk == labels[:, None], axis=-1))

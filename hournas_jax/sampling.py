@@ -1,0 +1,60 @@
+"""Gumbel-Max sampling of architectures (Eqn 3) with a straight-through estimator.
+
+theta has shape [..., L, O]: one row of logits per searchable layer, columns in the space's op
+order; `mask` [L, O] marks the ops a layer allows. All functions are pure and jittable.
+
+Temperature. The paper follows FBNet and "adds the temperature tau on z for sharpening the
+distribution progressively" (tau from 5.0, times 0.9999 an iteration). Dividing z = theta + g by
+tau would leave argmax(z) -- the sample -- unchanged, so here tau divides theta: samples come
+from softmax(theta / tau), and lowering tau sharpens them, as Figure 3 shows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # a logit no Gumbel noise can lift to the argmax
+
+
+def temperature(step, tau0: float = 5.0, decay: float = 0.9999):
+  """tau after `step` iterations of the paper's schedule."""
+  return tau0 * decay ** step
+
+
+def masked_logits(theta, tau, mask=None):
+  logits = theta / tau
+  return logits if mask is None else jnp.where(mask, logits, _MASKED)
+
+
+def probabilities(theta, tau=1.0, mask=None):
+  """The distribution Gumbel-Max samples from: softmax(theta / tau) over allowed ops."""
+  return jax.nn.softmax(masked_logits(theta, tau, mask), axis=-1)
+
+
+def gumbel_max(key, theta, tau=1.0, mask=None):
+  """One architecture per row of theta.
+
+  Returns (indices [..., L] int32, a [..., L, O]): `a` is exactly one-hot in value, and its
+  gradient is that of softmax(theta / tau + g), the straight-through estimator, so the loss of
+  the sampled path sends gradients to every logit of each layer.
+  """
+  z = masked_logits(theta, tau, mask) + jax.random.gumbel(key, theta.shape, theta.dtype)
+  indices = jnp.argmax(z, axis=-1).astype(jnp.int32)
+  hard = jax.nn.one_hot(indices, theta.shape[-1], dtype=theta.dtype)
+  soft = jax.nn.softmax(z, axis=-1)
+  return indices, hard + soft - jax.lax.stop_gradient(soft)
+
+
+def gumbel_softmax(key, theta, tau=1.0, mask=None):
+  """FBNet's relaxed weights softmax((theta + g) / tau), for the all-candidates ablation."""
+  g = jax.random.gumbel(key, theta.shape, theta.dtype)
+  z = (theta + g) / tau
+  if mask is not None:
+    z = jnp.where(mask, z, _MASKED)
+  return jax.nn.softmax(z, axis=-1)
+
+
+def argmax_ops(theta, mask=None):
+  """The highest-probability op of every layer: how an architecture is derived at the end."""
+  return jnp.argmax(masked_logits(theta, 1.0, mask), axis=-1).astype(jnp.int32)

@@ -1,0 +1,184 @@
+"""Single-path SuperNet steps: each step computes only the sampled op of every layer.
+
+Why not one compiled program with `lax.switch` per layer: on XLA:CPU the gradient of a conv
+inside a conditional takes a slow path (../shared/notes/cpu-switch-probe.md: 10x the fixed
+network, slower than computing every candidate). Here each sampled candidate runs as its own
+compiled program, cached per (block configuration, input shape) -- blocks are hashable linen
+modules, so the 4 same-shaped layers of a stage share programs -- and Python chains them:
+
+  forward:  x_{l+1} = block_l(x_l), keeping every layer's input and output;
+  head:     loss, d loss / d x and the head's update in one program;
+  backward: for l = L..1, one program recomputes block_l's forward inside `jax.vjp` and returns
+            d loss / d x_l together with the SGD update of that candidate's weights.
+
+Only the sampled candidates' variables and optimizer states are touched. Under `jit` with
+batch-sharded inputs every program is data-parallel over the device mesh, BatchNorm statistics
+included (they are reduced over the global batch). Gradients for the architecture come from the
+straight-through gate of Eqn 3: the sampled op's output is scaled by A[l, o] (1 in value), so
+d loss / d A[l, o] = <d loss / d y_l, y_l>, computed from the stored outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from hournas_jax import blocks, optim, spaces, supernet
+
+
+def _apply_train(module, params, stats, x):
+  y, updated = module.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                            mutable=['batch_stats'])
+  return y, updated['batch_stats']
+
+
+def _forward(module, params, stats, x):
+  return _apply_train(module, params, stats, x)
+
+
+def _forward_eval(module, params, stats, x):
+  return module.apply({'params': params, 'batch_stats': stats}, x, train=False)
+
+
+def _backward_update(direction, module, need_input_grad, params, stats, opt_state, x, gy, lr):
+  """d loss / d x and the SGD step of this candidate, recomputing its forward."""
+  f = lambda p, x: _apply_train(module, p, stats, x)[0]
+  if need_input_grad:
+    _, vjp = jax.vjp(f, params, x)
+    gp, gx = vjp(gy)
+  else:  # the stem: its input is the image, no gradient needed
+    _, vjp = jax.vjp(lambda p: f(p, x), params)
+    (gp,), gx = vjp(gy), None
+  params, opt_state = optim.sgd_update(direction, params, opt_state, gp, lr)
+  return gx, params, opt_state
+
+
+def _backward_input(module, params, stats, x, gy):
+  """d loss / d x only (architecture steps leave the weights alone)."""
+  _, vjp = jax.vjp(lambda x: _apply_train(module, params, stats, x)[0], x)
+  return vjp(gy)[0]
+
+
+def _head(direction, smoothing, update, module, params, stats, opt_state, x, labels, lr):
+  def loss_fn(p, x):
+    logits, new_stats = _apply_train(module, p, stats, x)
+    return optim.cross_entropy(logits, labels, smoothing), (logits, new_stats)
+  (loss, (logits, new_stats)), (gp, gx) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(params, x)
+  if update:
+    params, opt_state = optim.sgd_update(direction, params, opt_state, gp, lr)
+  metrics = {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
+  return metrics, gx, params, opt_state, new_stats
+
+
+@jax.jit
+def _gate_grad(gy, y):
+  return jnp.vdot(gy, y)
+
+
+class SinglePathEngine:
+  """Trains a SuperNet one sampled path at a time.
+
+  State is a plain pytree {'params', 'batch_stats', 'opt_state'}, each {layer: {op: tree}}, so
+  it checkpoints as is and loads into `supernet.SuperNet` for whole-network use.
+  """
+
+  def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
+               weight_decay: float = 4e-5, nesterov: bool = False,
+               label_smoothing: float = 0.0):
+    self.space = space
+    self.net = supernet.SuperNet(space, tuple(ops))
+    self.chain = self.net.active_layers
+    # Layers where a choice is made each step (more than one candidate).
+    self.choice_layers = tuple(l.name for l, o in self.chain if len(o) > 1)
+    self.direction = optim.weight_direction(momentum, weight_decay, nesterov)
+    self._modules = {(l.name, op): blocks.make_block(space, l, op)
+                     for l, ops_ in self.chain for op in ops_}
+    self._fwd = jax.jit(_forward, static_argnums=0)
+    self._fwd_eval = jax.jit(_forward_eval, static_argnums=0)
+    self._bwd_update = jax.jit(functools.partial(_backward_update, self.direction),
+                               static_argnums=(0, 1))
+    self._bwd_input = jax.jit(_backward_input, static_argnums=0)
+    self._head_update = jax.jit(
+        functools.partial(_head, self.direction, label_smoothing, True), static_argnums=0)
+    self._head_loss = jax.jit(
+        functools.partial(_head, self.direction, label_smoothing, False), static_argnums=0)
+
+  def init(self, seed: int, image_shape) -> dict:
+    variables = self.net.init_all(seed, image_shape)
+    params = variables['params']
+    return {'params': params, 'batch_stats': variables['batch_stats'],
+            'opt_state': optim.init_candidate_states(self.direction, params)}
+
+  def _path_ops(self, path: Mapping[str, str]):
+    return [(l.name, ops[0] if len(ops) == 1 else path[l.name]) for l, ops in self.chain]
+
+  def _run_forward(self, state, images, path):
+    """Forward through every layer but the head; returns the chain, inputs and new stats."""
+    params, stats = state['params'], state['batch_stats']
+    new_stats = {k: dict(v) for k, v in stats.items()}
+    chain = self._path_ops(path)
+    inputs, x = [], images
+    for name, op in chain[:-1]:
+      inputs.append(x)
+      if op == 'skip':
+        continue
+      x, s = self._fwd(self._modules[name, op], params[name][op], stats[name][op], x)
+      new_stats[name][op] = s
+    return chain, inputs, x, new_stats
+
+  def train_step(self, state, images, labels, path: Mapping[str, str], lr):
+    """One SGD step of the sampled path's weights. Returns (state, metrics)."""
+    chain, inputs, x, new_stats = self._run_forward(state, images, path)
+    params = {k: dict(v) for k, v in state['params'].items()}
+    opt = {k: dict(v) for k, v in state['opt_state'].items()}
+    name, op = chain[-1]
+    metrics, gy, params[name][op], opt[name][op], new_stats[name][op] = self._head_update(
+        self._modules[name, op], params[name][op], state['batch_stats'][name][op],
+        opt[name][op], x, labels, lr)
+    for i in range(len(chain) - 2, -1, -1):
+      name, op = chain[i]
+      if op == 'skip':
+        continue
+      gy, params[name][op], opt[name][op] = self._bwd_update(
+          self._modules[name, op], i > 0, params[name][op], state['batch_stats'][name][op],
+          opt[name][op], inputs[i], gy, lr)
+    return {'params': params, 'batch_stats': new_stats, 'opt_state': opt}, metrics
+
+  def arch_grads(self, state, images, labels, path: Mapping[str, str]):
+    """Loss of the sampled path and d loss / d A[l, o_l] for every choice layer.
+
+    Weights are not updated; BatchNorm running statistics are (the layers run in training
+    mode, as in PyTorch implementations). Returns (state, metrics, {layer: gate gradient}).
+    """
+    chain, inputs, x, new_stats = self._run_forward(state, images, path)
+    params = state['params']
+    name, op = chain[-1]
+    metrics, gy, _, _, new_stats[name][op] = self._head_loss(
+        self._modules[name, op], params[name][op], state['batch_stats'][name][op],
+        state['opt_state'][name][op], x, labels, 0.0)
+    outputs = inputs[1:] + [x]
+    gates = {}
+    first_choice = min((i for i, (n, _) in enumerate(chain) if n in self.choice_layers),
+                       default=len(chain))
+    for i in range(len(chain) - 2, first_choice - 1, -1):
+      name, op = chain[i]
+      if name in self.choice_layers:
+        gates[name] = _gate_grad(gy, outputs[i])
+      if op != 'skip' and i > first_choice:
+        gy = self._bwd_input(self._modules[name, op], params[name][op],
+                             state['batch_stats'][name][op], inputs[i], gy)
+    state = {**state, 'batch_stats': new_stats}
+    return state, metrics, gates
+
+  def logits(self, state, images, path: Mapping[str, str]):
+    """Inference (running BatchNorm statistics) of a path."""
+    params, stats = state['params'], state['batch_stats']
+    x = images
+    for name, op in self._path_ops(path):
+      if op != 'skip':
+        x = self._fwd_eval(self._modules[name, op], params[name][op], stats[name][op], x)
+    return x

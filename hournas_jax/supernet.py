@@ -1,0 +1,120 @@
+"""The SuperNet: every candidate of every SuperBlock in one Flax module.
+
+Variables are laid out as {layer name: {op name: block variables}}, the stem and head included
+(as layers with one op), so a candidate's variables are also exactly those of the stand-alone
+block `blocks.make_block(...)`: the single-path engine (`singlepath.py`) runs candidates one at a
+time on those sub-trees, and a fixed network is the same module with one op per layer.
+
+`SuperNet.__call__` runs either one op per layer (a path; optionally scaled by the
+straight-through gates of the sampled one-hot A, Eqn 3) or, for the Gumbel-softmax ablation and
+for initialisation, the weighted sum of every candidate.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hournas_jax import blocks, spaces, vital
+
+
+def layer_ops(space: spaces.SearchSpace, frozen: Mapping[str, str] | None = None,
+              vital_only: bool = False) -> tuple[tuple[str, ...], ...]:
+  """The candidates each layer of `space.layers` holds.
+
+  frozen: layer name -> op, for layers fixed to one op (vital blocks after stage 1, or every
+    layer of a fixed network). vital_only: drop the non-vital SuperBlocks altogether, which gives
+    the minimal SuperNet S_vital of stage 1 (they keep their input's shape, so dropping one is
+    the identity path).
+  """
+  frozen = dict(frozen or {})
+  unknown = set(frozen) - set(space.searchable_names)
+  if unknown:
+    raise spaces.SpaceError(f'cannot freeze unknown layers {sorted(unknown)}')
+  keep = set(vital.vital_layers(space)) if vital_only else None
+  out = []
+  for layer in space.layers:
+    if keep is not None and layer.searchable and layer.name not in keep:
+      out.append(())
+    elif layer.name in frozen:
+      if frozen[layer.name] not in layer.ops:
+        raise spaces.SpaceError(f'op {frozen[layer.name]!r} is not allowed at {layer.name}; '
+                                f'allowed: {", ".join(layer.ops)}')
+      out.append((frozen[layer.name],))
+    else:
+      out.append(layer.ops)
+  return tuple(out)
+
+
+def fixed_layer_ops(space: spaces.SearchSpace, op_names: Sequence[str]):
+  """Layer ops of the fixed network of an architecture (one op name per searchable layer)."""
+  return layer_ops(space, dict(zip(space.searchable_names, op_names)))
+
+
+class SuperBlock(nn.Module):
+  """One layer's candidates; variables {op name: block variables}."""
+  space: spaces.SearchSpace
+  layer: spaces.LayerSpec
+  ops: tuple[str, ...]
+  dropout_rate: float = 0.0
+
+  def candidate(self, op: str) -> nn.Module:
+    return blocks.make_block(self.space, self.layer, op, self.dropout_rate, name=op)
+
+  @nn.compact
+  def __call__(self, x, op: str | None = None, weights=None, train: bool = True):
+    if op is not None:
+      return self.candidate(op)(x, train)
+    # Weighted sum of all candidates (weights over self.ops, in order).
+    return sum(weights[i] * self.candidate(o)(x, train) for i, o in enumerate(self.ops))
+
+
+class SuperNet(nn.Module):
+  """The chain of SuperBlocks of `space`, each holding the candidates of `ops` (see layer_ops)."""
+  space: spaces.SearchSpace
+  ops: tuple[tuple[str, ...], ...]
+  dropout_rate: float = 0.0
+
+  @property
+  def active_layers(self):
+    return tuple((l, o) for l, o in zip(self.space.layers, self.ops) if o)
+
+  @nn.compact
+  def __call__(self, x, path: Mapping[str, str] | None = None, gates=None, weights=None,
+               train: bool = True):
+    """Runs a path or the weighted sum of all candidates.
+
+    path: layer name -> op for the searchable layers that hold several candidates (layers with
+      one candidate run it). gates: optional layer name -> scalar multiplying that layer's
+      output: the straight-through value A[l, o] of the sampled op (1.0 in value).
+    weights: layer name -> [len(ops)] weights; when given, every candidate runs (all-ops mode).
+    """
+    for layer, ops in self.active_layers:
+      block = SuperBlock(self.space, layer, ops,
+                         self.dropout_rate if layer.name == 'head' else 0.0, name=layer.name)
+      if weights is not None and len(ops) > 1:
+        x = block(x, weights=weights[layer.name], train=train)
+      else:
+        op = ops[0] if len(ops) == 1 else path[layer.name]
+        y = block(x, op=op, train=train)
+        if gates is not None and layer.name in gates:
+          y = y * gates[layer.name]
+        x = y
+    return x
+
+  def init_all(self, seed: int, image_shape) -> dict:
+    """Variables of every candidate, without compiling anything.
+
+    Compiling the initialisation of ~200 candidates takes minutes on a CPU (thousands of RNG
+    calls in one program), so shapes come from tracing (`jax.eval_shape`) and values from
+    `blocks.initial_value`, which draws what the modules' own initialisers would.
+    """
+    weights = {l.name: jnp.full((len(o),), 1.0 / len(o)) for l, o in self.active_layers}
+    shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                              weights=weights, train=False))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: blocks.initial_value(seed, jax.tree_util.keystr(path), leaf.shape,
+                                                leaf.dtype), shapes)
