@@ -113,6 +113,14 @@ class SinglePathEngine:
     return {'params': params, 'batch_stats': variables['batch_stats'],
             'opt_state': optim.init_candidate_states(self.direction, params)}
 
+  def state_shapes(self, image_shape) -> dict:
+    """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
+    variables = self.net.variable_shapes(image_shape)
+    params = variables['params']
+    return {'params': params, 'batch_stats': variables['batch_stats'],
+            'opt_state': jax.eval_shape(
+                lambda p: optim.init_candidate_states(self.direction, p), params)}
+
   def _path_ops(self, path: Mapping[str, str]):
     return [(l.name, ops[0] if len(ops) == 1 else path[l.name]) for l, ops in self.chain]
 

@@ -112,9 +112,12 @@ class SuperNet(nn.Module):
     calls in one program), so shapes come from tracing (`jax.eval_shape`) and values from
     `blocks.initial_value`, which draws what the modules' own initialisers would.
     """
-    weights = {l.name: jnp.full((len(o),), 1.0 / len(o)) for l, o in self.active_layers}
-    shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                              weights=weights, train=False))
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: blocks.initial_value(seed, jax.tree_util.keystr(path), leaf.shape,
-                                                leaf.dtype), shapes)
+                                                leaf.dtype), self.variable_shapes(image_shape))
+
+  def variable_shapes(self, image_shape) -> dict:
+    """Every candidate's variables as jax.ShapeDtypeStruct leaves (tracing only)."""
+    weights = {l.name: jnp.full((len(o),), 1.0 / len(o)) for l, o in self.active_layers}
+    return jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                            weights=weights, train=False))

@@ -36,6 +36,14 @@ class WholeNetEngine:
     return {'params': params, 'batch_stats': variables['batch_stats'],
             'opt_state': optim.init_candidate_states(self.direction, params)}
 
+  def state_shapes(self, image_shape) -> dict:
+    """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
+    variables = self.net.variable_shapes(image_shape)
+    params = variables['params']
+    return {'params': params, 'batch_stats': variables['batch_stats'],
+            'opt_state': jax.eval_shape(
+                lambda p: optim.init_candidate_states(self.direction, p), params)}
+
   def _loss(self, params, stats, images, labels, weights, rng):
     logits, updated = self.net.apply(
         {'params': params, 'batch_stats': stats}, images, weights=weights, train=True,
