@@ -18,6 +18,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -133,6 +134,7 @@ def resource_loss(a, tables, offset, targets, maxima, active):
   return jnp.sum(jnp.where(active > 0, gap * active, 0.0), axis=-1)
 
 
+@jax.jit
 def expected_cost(theta, tables, offset, tau, mask):
   """E[R_i] under softmax(theta / tau): [..., R]. Cheap, exact, and what the CLI reports."""
   return resource_cost(sampling.probabilities(theta, tau, mask), tables, offset)
@@ -208,10 +210,11 @@ def _optimize(key, tables, mask, offset, targets, maxima, active, *, num_proposa
   # schedule to a small tau, freeze a layer choice that leaves one resource just off target.
   # The ranking is on a noisy 64-sample estimate and ties keep the random-init order, so the
   # kept proposals stay as diverse as the candidates.
-  _, a = straight_through(screen_noise, thetas[:, None], final_tau, mask)
+  z = sampling.masked_logits(thetas[:, None], final_tau, mask) + screen_noise
+  a = jax.nn.one_hot(jnp.argmax(z, axis=-1), num_ops)  # no gradient needed here
   hit_rate = jnp.mean(within_targets(resource_cost(a, tables, offset), targets, active,
                                      tolerance), axis=-1)
-  keep = jnp.argsort(-hit_rate, stable=True)[:num_proposals]
+  _, keep = jax.lax.top_k(hit_rate, num_proposals)  # ties: lower index first
   return thetas[keep], final_tau, losses
 
 
@@ -251,6 +254,7 @@ def optimize_proposals(key, tables, mask, offset, targets, maxima, active, *, nu
   return (thetas, final_tau, losses) if return_losses else (thetas, final_tau)
 
 
+@functools.partial(jax.jit, static_argnames='n')
 def sample_two_level(key, thetas, pi_logits, tau, mask, n, pi_tau=1.0):
   """Appendix C's two-level sampling, n times: a proposal k ~ softmax(pi / pi_tau) by
   Gumbel-Max, then an architecture from softmax(thetas[k] / tau) by Gumbel-Max.
@@ -265,12 +269,10 @@ def sample_two_level(key, thetas, pi_logits, tau, mask, n, pi_tau=1.0):
   return chosen, indices
 
 
+@functools.partial(jax.jit, static_argnames='n')
 def sample_architectures(key, thetas, pi_logits, tau, mask, n):
   """n architectures (op indices [n, L]) by two-level sampling: pi, then the proposal's theta."""
   return sample_two_level(key, thetas, pi_logits, tau, mask, n)[1]
-
-
-_sample_two_level_jit = jax.jit(sample_two_level, static_argnames='n')
 
 
 def two_level_straight_through(key, thetas, pi_logits, tau, mask, pi_tau=1.0):
@@ -302,8 +304,8 @@ def reachable_range(tables, mask, offset):
   return lowest, highest
 
 
-def _millions(x: float) -> str:
-  return f'{x / 1e6:.1f}M' if abs(x) >= 1e5 else f'{x / 1e6:.3f}M'
+def _millions(x: float, digits: int = 1) -> str:
+  return f'{x / 1e6:.{digits}f}M' if abs(x) >= 1e5 else f'{x / 1e6:.3f}M'
 
 
 def check_targets(tables, mask, offset, targets, active, space_name: str = 'the space'):
@@ -356,6 +358,11 @@ def architecture_costs(indices, tables, offset):
   return tables[:, rows, indices].sum(axis=-1).T + np.asarray(offset, np.float64)
 
 
+def argmax_architectures(thetas, mask):
+  """The most probable op of every layer of every proposal, [m, L] (numpy; any tau)."""
+  return np.argmax(np.where(np.asarray(mask, bool), np.asarray(thetas), -np.inf), axis=-1)
+
+
 def diversity(thetas, mask):
   """How different the proposals are, from their most probable architectures.
 
@@ -363,7 +370,7 @@ def diversity(thetas, mask):
   differs), distinct_architectures and mean_ops_per_layer (distinct argmax ops across
   proposals, averaged over layers).
   """
-  best = np.asarray(sampling.argmax_ops(thetas, mask))  # [m, L]
+  best = argmax_architectures(thetas, mask)  # [m, L]
   m = best.shape[0]
   pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
   hamming = float(np.mean([np.mean(best[i] != best[j]) for i, j in pairs])) if pairs else 0.0
@@ -498,7 +505,7 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
   final_tau = float(final_tau)
 
   pi_logits = jnp.zeros(num_proposals)  # uniform pi, as at the start of the search
-  chosen, indices = _sample_two_level_jit(sample_key, thetas, pi_logits, final_tau,
+  chosen, indices = sample_two_level(sample_key, thetas, pi_logits, final_tau,
                                           jnp.asarray(mask), n=samples)
   chosen, indices = np.asarray(chosen), np.asarray(indices)
   sample_costs = architecture_costs(indices, tables, offset)
@@ -507,7 +514,7 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
   expected = np.asarray(expected_cost(thetas, jnp.asarray(tables, jnp.float32),
                                       jnp.asarray(offset, jnp.float32), final_tau,
                                       jnp.asarray(mask)), np.float64)
-  best = np.asarray(sampling.argmax_ops(thetas, jnp.asarray(mask)))
+  best = argmax_architectures(thetas, mask)
   best_full = full_indices(free, fixed, best)
   per_proposal = []
   for k in range(num_proposals):
@@ -526,11 +533,12 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
                                                                    float(high[1])]),
       final_tau=final_tau, seconds=seconds, samples=samples,
       within_5pct=float(ok.mean()),
+      distinct_sampled=len({tuple(r) for r in indices}),
       sampled_params=dict(mean=float(sample_costs[:, 0].mean()),
                           std=float(sample_costs[:, 0].std())),
       sampled_flops=dict(mean=float(sample_costs[:, 1].mean()),
                          std=float(sample_costs[:, 1].std())),
-      diversity=diversity(thetas, jnp.asarray(mask)),
+      diversity=diversity(thetas, mask),
       per_proposal=per_proposal)
   if plot:
     plot_figure3(plot, thetas, mask, tables, offset, target_values, active, final_tau,
@@ -552,7 +560,7 @@ def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau,
   m = thetas.shape[0]
   fig, axes = plt.subplots(1, len(taus), figsize=(4 * len(taus), 4), sharex=True, sharey=True)
   for ax, tau in zip(np.atleast_1d(axes), taus):
-    _, idx = _sample_two_level_jit(key, thetas, jnp.zeros(m), tau, jnp.asarray(mask), n=samples)
+    _, idx = sample_two_level(key, thetas, jnp.zeros(m), tau, jnp.asarray(mask), n=samples)
     c = architecture_costs(np.asarray(idx), tables, offset) / 1e6
     share = within_targets(c * 1e6, targets, active).mean()
     ax.scatter(c[:, 0], c[:, 1], s=2, alpha=0.3, color='tab:blue', rasterized=True)
@@ -560,8 +568,10 @@ def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau,
       ax.axvline(targets[0] / 1e6, color='tab:red', ls='--', lw=1)
     if active[1]:
       ax.axhline(targets[1] / 1e6, color='tab:red', ls='--', lw=1)
-    if active.all():
-      ax.plot(targets[0] / 1e6, targets[1] / 1e6, 'r*', ms=12)
+    if active.all():  # the +-5% box around the targets
+      lo, hi = (1 - TOLERANCE) * targets / 1e6, (1 + TOLERANCE) * targets / 1e6
+      ax.add_patch(plt.Rectangle((lo[0], lo[1]), hi[0] - lo[0], hi[1] - lo[1], fill=False,
+                                 edgecolor='tab:red', lw=1))
     final = ' (final)' if tau == final_tau else ''
     ax.set_title(f'tau = {tau:.3g}{final}: {share:.1%} within 5%')
     ax.set_xlabel('params (M)')
@@ -584,15 +594,15 @@ def _print_summary(s: dict) -> None:
   print(f'{"proposal":>8} {"E[params]":>10} {"E[FLOPs]":>10} {"within 5%":>10}')
   for k, p in enumerate(s['per_proposal']):
     w = '-' if p['within_5pct'] is None else f'{p["within_5pct"]:.1%}'
-    print(f'{k:>8} {_millions(p["expected_params"]):>10} {_millions(p["expected_flops"]):>10} '
+    print(f'{k:>8} {_millions(p["expected_params"], 2):>10} {_millions(p["expected_flops"]):>10} '
           f'{w:>10}')
   d = s['diversity']
   print(f'diversity: {d["distinct_architectures"]} distinct argmax architectures, '
         f'{d["mean_hamming"]:.0%} of layers differ between two proposals on average, '
         f'{d["mean_ops_per_layer"]:.1f} distinct ops per layer')
   print(f'{s["within_5pct"]:.1%} of {s["samples"]} architectures (uniform pi) within 5% of '
-        f'every target; sampled params {_millions(s["sampled_params"]["mean"])} '
-        f'+- {_millions(s["sampled_params"]["std"])}, FLOPs '
+        f'every target ({s["distinct_sampled"]} distinct); sampled params '
+        f'{_millions(s["sampled_params"]["mean"], 2)} +- {_millions(s["sampled_params"]["std"], 2)}, FLOPs '
         f'{_millions(s["sampled_flops"]["mean"])} +- {_millions(s["sampled_flops"]["std"])}')
   print(f'optimisation took {s["seconds"]:.2f} s (compile included)')
   if s.get('plot'):

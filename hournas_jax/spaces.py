@@ -74,7 +74,7 @@ class SearchSpace:
   layers: tuple[LayerSpec, ...]  # stem, fixed layers, SuperBlocks, head, in order
 
   def __hash__(self):
-    return hash((self.name, self.resolution, self.num_classes, self.width))
+    return hash((self.name, self.resolution, self.num_classes, self.width, self.op_names))
 
   @property
   def searchable_layers(self) -> tuple[LayerSpec, ...]:
@@ -155,8 +155,12 @@ def scale_channels(channels: int, width: float, divisor: int = 8) -> int:
 
 
 def get_space(name: str, resolution: int = 224, num_classes: int | None = None,
-              width: float = 1.0) -> SearchSpace:
-  """Builds a space from its table. Resolution, classes and width shrink it for tests."""
+              width: float = 1.0, ops: tuple[str, ...] | None = None) -> SearchSpace:
+  """Builds a space from its table.
+
+  Resolution, classes and width shrink it for tests and small data; `ops` keeps a subset of the
+  space's candidate ops (in the table's order), e.g. for a quick search on a CPU.
+  """
   if name not in SPACE_TABLES:
     raise SpaceError(f'unknown search space {name!r}; allowed: {", ".join(SPACE_NAMES)}')
   if (not isinstance(resolution, int) or isinstance(resolution, bool)
@@ -171,6 +175,12 @@ def get_space(name: str, resolution: int = 224, num_classes: int | None = None,
     raise SpaceError(f'width must be a number in (0, 4], got {width!r}')
   width = float(width)
   ch = lambda c: scale_channels(c, width)
+  if ops is not None:
+    unknown = [o for o in ops if o not in table['ops']]
+    if unknown or not [o for o in ops if o != 'skip']:
+      raise SpaceError(f'ops must be a subset of the {name} ops with at least one besides skip '
+                       f'({", ".join(table["ops"])}); got {", ".join(ops) or "none"}')
+    table = {**table, 'ops': tuple(o for o in table['ops'] if o in ops)}
 
   ops = {op: (OpSpec('skip', 'skip') if op == 'skip' else _ir(op)) for op in table['ops']}
   ops['conv3'] = OpSpec('conv3', 'conv', kernel=3)
