@@ -60,8 +60,12 @@ class Architecture:
       raise SpaceError('an architecture is a JSON object with "space" and "ops" '
                        '({"layer1_1": "k3e1", ...} or a list of op names)')
     name = data.get('space', space.name if space else None)
+    if not isinstance(name, str):
+      raise SpaceError(f'"space" must name a search space ({", ".join(spaces.SPACE_NAMES)})')
     if space is None:
       space = spaces.get_space(name)
+    elif name != space.name:
+      raise SpaceError(f'architecture is for space {name!r}, not {space.name!r}')
     ops = data['ops']
     if isinstance(ops, Mapping):
       missing = [n for n in space.searchable_names if n not in ops]
@@ -81,7 +85,7 @@ def load(path: str, space: spaces.SearchSpace | None = None) -> Architecture:
       data = json.load(f)
   except OSError as e:
     raise SpaceError(f'cannot read architecture file {path!r}: {e.strerror}') from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise SpaceError(f'architecture file {path!r} is not valid JSON: {e}') from None
   return Architecture.from_dict(data, space)
 

@@ -177,6 +177,22 @@ def merge_state(arrays, other):
   return out
 
 
+def _without(template, other):
+  """`template` less every entry saved on the JSON side (`other`): a template may describe a
+  python int (a counter) as an array, but it was saved, and comes back, as JSON."""
+  if not isinstance(template, Mapping) or not isinstance(other, Mapping):
+    return template
+  out = {}
+  for key, value in template.items():
+    if key not in other:
+      out[key] = value
+    elif isinstance(value, Mapping) and isinstance(other[key], Mapping):
+      rest = _without(value, other[key])
+      if rest:
+        out[key] = rest
+  return out
+
+
 def _one_line(e: BaseException, limit: int = 240) -> str:
   text = ' '.join(str(e).split()) or type(e).__name__
   return text if len(text) <= limit else text[:limit - 3] + '...'
@@ -219,7 +235,7 @@ class Checkpointer:
     try:
       other = self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'] or {}
-      template, _ = split_state(template_fn(other))
+      template, _ = split_state(_without(template_fn(other), other))
       arrays = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template if template is not None else {})))['state']
     except (CheckpointError, WorkdirError):

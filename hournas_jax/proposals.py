@@ -7,6 +7,16 @@ target and M_i the largest cost the space can reach, which puts every term in [0
 optimises m randomly initialised proposals and later samples an architecture in two levels:
 a proposal from pi, then an architecture from that proposal's theta (Appendix C).
 
+Pieces:
+- resource_cost / resource_loss: Eqn 4-5 on (straight-through) one-hot architectures; stage 2
+  of the search reuses resource_loss as its alpha-weighted term (Eqn 6).
+- optimize_proposals: m proposals in one jitted loop (vmap over proposals, scan over steps,
+  Adam), tau = tau0 * decay**step; returns the thetas and the final tau to sample them at.
+- sample_two_level / sample_architectures: pi, then theta; two_level_straight_through: the same
+  with gradients to pi and Theta, for stage 2.
+- restrict_tables: fixes layers (the vital ones after stage 1) and folds their cost into the
+  offset; reachable_range / check_targets: refuse targets no architecture reaches.
+
 Resources are stacked in the order of `CostTables.stacked()`: index 0 params, index 1 FLOPs.
 Everything but the CLI and the numpy helpers is pure and jittable. Temperatures follow
 `sampling.py`: samples come from softmax(theta / tau), so lowering tau sharpens them.
@@ -21,6 +31,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 import time
 from typing import Mapping, Sequence
@@ -36,7 +47,8 @@ RESOURCE_NAMES = ('params', 'FLOPs')
 
 # Defaults of `optimize_proposals`, chosen to meet the FBNet bar (m = 8, 4.8M params / 300M
 # FLOPs: >= 90% of samples within 5% of both targets, < 5 s on a 2-core CPU, compile included;
-# measured ~97-99% over seeds, ~3-4 s, of which ~2.5-3 s is XLA's compile).
+# measured 97-99% over seeds, 2-3 s of which 0.3 s is the loop itself and the rest XLA's
+# compile, with another job busy on one of the two cores; benchmarks/proposals.py).
 # - Schedule: the paper anneals tau from 5.0 by x0.9999 an iteration over a whole search epoch.
 #   Building proposals alone takes "a few seconds", so we keep the schedule's form and start
 #   (tau0 * decay**step, tau0 = 5) and compress it into 300 steps: 0.99465**300 = 0.2, so tau
@@ -243,6 +255,14 @@ def optimize_proposals(key, tables, mask, offset, targets, maxima, active, *, nu
   the mean loss of every step [iterations]. Costs are float32 inside; check targets first
   (`check_targets`).
   """
+  for name, value in (('num_proposals', num_proposals), ('iterations', iterations),
+                      ('samples_per_step', samples_per_step),
+                      ('candidates_per_proposal', candidates_per_proposal),
+                      ('screen_samples', screen_samples)):
+    if int(value) < 1:
+      raise ProposalError(f'{name} must be at least 1, got {value!r}')
+  if np.asarray(mask).shape[0] == 0:
+    raise ProposalError('no searchable layer is left: nothing to optimise')
   as_f32 = lambda x: jnp.asarray(x, jnp.float32)
   thetas, final_tau, losses = _optimize_jit(
       key, as_f32(tables), jnp.asarray(mask, bool), as_f32(offset), as_f32(targets),
@@ -269,9 +289,9 @@ def sample_two_level(key, thetas, pi_logits, tau, mask, n, pi_tau=1.0):
   return chosen, indices
 
 
-@functools.partial(jax.jit, static_argnames='n')
 def sample_architectures(key, thetas, pi_logits, tau, mask, n):
-  """n architectures (op indices [n, L]) by two-level sampling: pi, then the proposal's theta."""
+  """n architectures (op indices [n, L]) by two-level sampling: pi, then the proposal's theta.
+  (Not jitted itself, so it shares sample_two_level's compiled program.)"""
   return sample_two_level(key, thetas, pi_logits, tau, mask, n)[1]
 
 
@@ -318,8 +338,13 @@ def check_targets(tables, mask, offset, targets, active, space_name: str = 'the 
     if not math.isfinite(t) or t <= 0:
       raise ProposalError(f'{name} target must be a positive number, got {t!r}')
     if not low[i] <= t <= high[i]:
-      raise ProposalError(f'{name} target {_millions(t)} is outside what space {space_name} can '
-                          f'reach: {_millions(low[i])} to {_millions(high[i])}')
+      digits = 1  # enough digits that the target does not print as the bound it misses
+      while digits < 4 and _millions(t, digits) in (_millions(low[i], digits),
+                                                    _millions(high[i], digits)):
+        digits += 1
+      raise ProposalError(f'{name} target {_millions(t, digits)} is outside what space '
+                          f'{space_name} can reach: {_millions(low[i], digits)} to '
+                          f'{_millions(high[i], digits)}')
 
 
 def restrict_tables(cost_tables: costs.CostTables, fixed: Mapping[int, int] | None = None):
@@ -448,6 +473,16 @@ def _seed(text):
 _seed.__name__ = 'seed (0 to 2**32 - 1)'
 
 
+def _decay(text):
+  value = float(text)
+  if not 0 < value <= 1:
+    raise ValueError(text)
+  return value
+
+
+_decay.__name__ = 'decay in (0, 1]'
+
+
 def _finite_float(text):
   value = float(text)
   if not math.isfinite(value):
@@ -469,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--classes', type=_positive_int, default=1000)
   p.add_argument('--width', type=_finite_float, default=1.0)
   p.add_argument('--seed', type=_seed, default=0)
-  p.add_argument('--iterations', type=_positive_int, default=DEFAULT_ITERATIONS)
+  p.add_argument('--iterations', type=_positive_int, default=DEFAULT_ITERATIONS,
+                 help='optimisation steps; tau ends at 5 * tau_decay**iterations')
+  p.add_argument('--tau-decay', type=_decay, default=DEFAULT_TAU_DECAY,
+                 help='tau multiplier per step (the default takes tau from 5 to 1 in '
+                      f'{DEFAULT_ITERATIONS} steps)')
   p.add_argument('--samples', type=_positive_int, default=10000,
                  help='architectures drawn to evaluate the proposals')
   p.add_argument('--fix', help='fixed layers, e.g. layer2_1=k5e6,layer3_1=k5e6')
@@ -479,10 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_proposals=8,
-        seed=0, iterations=DEFAULT_ITERATIONS, samples=10000, fixed: Mapping[int, int] = None,
-        plot: str | None = None) -> dict:
+        seed=0, iterations=DEFAULT_ITERATIONS, tau_decay=DEFAULT_TAU_DECAY, samples=10000,
+        fixed: Mapping[int, int] | None = None, plot: str | None = None) -> dict:
   """Optimises and evaluates proposals; returns the summary the CLI prints."""
   fixed = dict(fixed or {})
+  if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+    raise ProposalError(f'cannot write the plot {plot!r}: its folder does not exist')
   table = costs.cost_tables(space)
   free, tables, mask, offset = restrict_tables(table, fixed)
   if len(free) == 0:
@@ -491,22 +532,25 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
   if not active.any():
     raise ProposalError('give at least one target: --params and/or --flops')
   target_values = np.array([t if t is not None else 0.0 for t in targets], np.float64)
-  check_targets(tables, mask, offset, target_values, active, space.name)
+  label = space.name + (f' with {len(fixed)} fixed layer{"s" * (len(fixed) > 1)}' if fixed
+                        else '')
+  check_targets(tables, mask, offset, target_values, active, label)
   maxima = space_maxima(tables, mask, offset)
 
   key = jax.random.PRNGKey(seed)
   opt_key, sample_key = jax.random.split(key)
-  start = time.perf_counter()
+  # Wall time is the bar; CPU time (all threads) tells a busy machine from a slow program.
+  start, cpu_start = time.perf_counter(), time.process_time()
   thetas, final_tau = optimize_proposals(opt_key, tables, mask, offset, target_values, maxima,
                                          active, num_proposals=num_proposals,
-                                         iterations=iterations)
+                                         iterations=iterations, tau_decay=tau_decay)
   thetas = jax.block_until_ready(thetas)
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   final_tau = float(final_tau)
 
   pi_logits = jnp.zeros(num_proposals)  # uniform pi, as at the start of the search
   chosen, indices = sample_two_level(sample_key, thetas, pi_logits, final_tau,
-                                          jnp.asarray(mask), n=samples)
+                                     jnp.asarray(mask), n=samples)
   chosen, indices = np.asarray(chosen), np.asarray(indices)
   sample_costs = architecture_costs(indices, tables, offset)
   ok = within_targets(sample_costs, target_values, active)
@@ -527,11 +571,12 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
   summary = dict(
       space=space.name, resolution=space.resolution, classes=space.num_classes,
       width=space.width, proposals=num_proposals, iterations=iterations, seed=seed,
+      tau_decay=tau_decay,
       targets=dict(params=targets[0], flops=targets[1]),
       fixed={space.searchable_names[l]: space.op_names[o] for l, o in sorted(fixed.items())},
       reachable=dict(params=[float(low[0]), float(high[0])], flops=[float(low[1]),
                                                                    float(high[1])]),
-      final_tau=final_tau, seconds=seconds, samples=samples,
+      final_tau=final_tau, seconds=seconds, cpu_seconds=cpu_seconds, samples=samples,
       within_5pct=float(ok.mean()),
       distinct_sampled=len({tuple(r) for r in indices}),
       sampled_params=dict(mean=float(sample_costs[:, 0].mean()),
@@ -600,11 +645,13 @@ def _print_summary(s: dict) -> None:
   print(f'diversity: {d["distinct_architectures"]} distinct argmax architectures, '
         f'{d["mean_hamming"]:.0%} of layers differ between two proposals on average, '
         f'{d["mean_ops_per_layer"]:.1f} distinct ops per layer')
-  print(f'{s["within_5pct"]:.1%} of {s["samples"]} architectures (uniform pi) within 5% of '
-        f'every target ({s["distinct_sampled"]} distinct); sampled params '
-        f'{_millions(s["sampled_params"]["mean"], 2)} +- {_millions(s["sampled_params"]["std"], 2)}, FLOPs '
-        f'{_millions(s["sampled_flops"]["mean"])} +- {_millions(s["sampled_flops"]["std"])}')
-  print(f'optimisation took {s["seconds"]:.2f} s (compile included)')
+  sp, sf = s['sampled_params'], s['sampled_flops']
+  print(f'{s["within_5pct"]:.1%} of {s["samples"]} architectures (uniform pi, final tau) within '
+        f'5% of every target ({s["distinct_sampled"]} distinct); sampled params '
+        f'{_millions(sp["mean"], 2)} +- {_millions(sp["std"], 2)}, FLOPs '
+        f'{_millions(sf["mean"])} +- {_millions(sf["std"])}')
+  print(f'optimisation took {s["seconds"]:.2f} s (compile included; '
+        f'{s["cpu_seconds"]:.2f} s of CPU time)')
   if s.get('plot'):
     print(f'wrote {s["plot"]}')
 
@@ -616,8 +663,8 @@ def main(argv=None) -> int:
                              width=args.width)
     fixed = parse_fix(args.fix, space)
     summary = run(space, (args.params, args.flops), num_proposals=args.proposals,
-                  seed=args.seed, iterations=args.iterations, samples=args.samples,
-                  fixed=fixed, plot=args.plot)
+                  seed=args.seed, iterations=args.iterations, tau_decay=args.tau_decay,
+                  samples=args.samples, fixed=fixed, plot=args.plot)
   except (spaces.SpaceError, ProposalError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -43,7 +43,7 @@ def _forward_eval(module, params, stats, x):
   return module.apply({'params': params, 'batch_stats': stats}, x, train=False)
 
 
-def _backward_update(direction, module, need_input_grad, params, stats, opt_state, x, gy, lr):
+def _backward_update(hyper, module, need_input_grad, params, stats, opt_state, x, gy, lr):
   """d loss / d x and the SGD step of this candidate, recomputing its forward."""
   f = lambda p, x: _apply_train(module, p, stats, x)[0]
   if need_input_grad:
@@ -52,7 +52,7 @@ def _backward_update(direction, module, need_input_grad, params, stats, opt_stat
   else:  # the stem: its input is the image, no gradient needed
     _, vjp = jax.vjp(lambda p: f(p, x), params)
     (gp,), gx = vjp(gy), None
-  params, opt_state = optim.sgd_update(direction, params, opt_state, gp, lr)
+  params, opt_state = optim.sgd_update(optim.weight_direction(*hyper), params, opt_state, gp, lr)
   return gx, params, opt_state
 
 
@@ -62,16 +62,26 @@ def _backward_input(module, params, stats, x, gy):
   return vjp(gy)[0]
 
 
-def _head(direction, smoothing, update, module, params, stats, opt_state, x, labels, lr):
+def _head(hyper, smoothing, update, module, params, stats, opt_state, x, labels, lr):
   def loss_fn(p, x):
     logits, new_stats = _apply_train(module, p, stats, x)
     return optim.cross_entropy(logits, labels, smoothing), (logits, new_stats)
   (loss, (logits, new_stats)), (gp, gx) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(params, x)
   if update:
-    params, opt_state = optim.sgd_update(direction, params, opt_state, gp, lr)
+    params, opt_state = optim.sgd_update(optim.weight_direction(*hyper), params, opt_state, gp,
+                                         lr)
   metrics = {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
   return metrics, gx, params, opt_state, new_stats
+
+
+# One cache of compiled programs per process, keyed by (block, shapes, hyper-parameters): every
+# engine -- both stages of a search, a test's many engines -- reuses what another compiled.
+_fwd = jax.jit(_forward, static_argnums=0)
+_fwd_eval = jax.jit(_forward_eval, static_argnums=0)
+_bwd_update = jax.jit(_backward_update, static_argnums=(0, 1, 2))
+_bwd_input = jax.jit(_backward_input, static_argnums=0)
+_head_step = jax.jit(_head, static_argnums=(0, 1, 2, 3))
 
 
 @jax.jit
@@ -94,18 +104,17 @@ class SinglePathEngine:
     self.chain = self.net.active_layers
     # Layers where a choice is made each step (more than one candidate).
     self.choice_layers = tuple(l.name for l, o in self.chain if len(o) > 1)
-    self.direction = optim.weight_direction(momentum, weight_decay, nesterov)
+    hyper = (float(momentum), float(weight_decay), bool(nesterov))
+    self.direction = optim.weight_direction(*hyper)
     self._modules = {(l.name, op): blocks.make_block(space, l, op)
                      for l, ops_ in self.chain for op in ops_}
-    self._fwd = jax.jit(_forward, static_argnums=0)
-    self._fwd_eval = jax.jit(_forward_eval, static_argnums=0)
-    self._bwd_update = jax.jit(functools.partial(_backward_update, self.direction),
-                               static_argnums=(0, 1))
-    self._bwd_input = jax.jit(_backward_input, static_argnums=0)
-    self._head_update = jax.jit(
-        functools.partial(_head, self.direction, label_smoothing, True), static_argnums=0)
-    self._head_loss = jax.jit(
-        functools.partial(_head, self.direction, label_smoothing, False), static_argnums=0)
+    self._fwd = _fwd
+    self._fwd_eval = _fwd_eval
+    self._bwd_update = functools.partial(_bwd_update, hyper)
+    self._bwd_input = _bwd_input
+    smoothing = float(label_smoothing)
+    self._head_update = functools.partial(_head_step, hyper, smoothing, True)
+    self._head_loss = functools.partial(_head_step, hyper, smoothing, False)
 
   def init(self, seed: int, image_shape) -> dict:
     variables = self.net.init_all(seed, image_shape)

@@ -163,11 +163,16 @@ def get_space(name: str, resolution: int = 224, num_classes: int | None = None,
   """
   if name not in SPACE_TABLES:
     raise SpaceError(f'unknown search space {name!r}; allowed: {", ".join(SPACE_NAMES)}')
+  return from_table(name, SPACE_TABLES[name], resolution, num_classes, width, ops)
+
+
+def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: int | None = None,
+               width: float = 1.0, ops: tuple[str, ...] | None = None) -> SearchSpace:
+  """Builds a space from a table shaped like those of SPACE_TABLES (a new space is new data)."""
   if (not isinstance(resolution, int) or isinstance(resolution, bool)
       or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
     raise SpaceError(f'resolution must be an integer from {MIN_RESOLUTION} to '
                      f'{MAX_RESOLUTION}, got {resolution!r}')
-  table = SPACE_TABLES[name]
   num_classes = table['num_classes'] if num_classes is None else num_classes
   if not isinstance(num_classes, int) or num_classes < 2:
     raise SpaceError(f'num_classes must be an integer >= 2, got {num_classes!r}')

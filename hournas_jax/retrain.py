@@ -1,0 +1,393 @@
+"""Retraining a fixed architecture from scratch with the baseline's recipe (config.train).
+
+The network is `supernet.SuperNet` with one op per layer (`supernet.fixed_layer_ops`), compiled
+as one program and run data parallel over the ('data',) mesh: state replicated, batches split
+along the batch axis, BatchNorm statistics over the global batch.
+
+Recipe pieces (config.train):
+- optimizer 'sgd' (momentum, optional Nesterov; FBNet) or 'rmsprop' (TensorFlow style, as
+  MnasNet/EfficientNet: decay 0.9, momentum 0.9, eps 1e-3 inside the square root, mean square
+  initialised to 1). Weight decay is added to the gradient of conv and dense kernels only
+  (BatchNorm scales/biases and biases are not decayed, as the TF MnasNet/EfficientNet code),
+  before the optimizer, i.e. an L2 term in the loss.
+- learning rate = learning_rate x batch_size / 256 when lr_scaling == 'linear'; linear warmup
+  over warmup_epochs, then 'cosine' (to 0 at the end), 'exponential' (x decay_rate every
+  decay_epochs, staircase, as TF's exponential_decay) or 'constant'.
+- label smoothing, dropout before the classifier, and an exponential moving average of the
+  weights and BatchNorm statistics (ema_decay > 0; TF's num_updates rule
+  decay_t = min(ema_decay, (1 + t) / (10 + t))) which is then what gets evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hournas_jax import checkpoint
+from hournas_jax import data
+from hournas_jax import logging_utils
+from hournas_jax import mesh as mesh_lib
+from hournas_jax import optim, spaces, supernet
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+OPTIMIZERS = ('sgd', 'rmsprop')
+SCHEDULES = ('cosine', 'exponential', 'constant')
+
+
+def peak_learning_rate(tcfg) -> float:
+  scale = tcfg.batch_size / 256 if tcfg.lr_scaling == 'linear' else 1.0
+  return float(tcfg.learning_rate) * scale
+
+
+def make_schedule(tcfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  peak = peak_learning_rate(tcfg)
+  warmup = min(int(round(tcfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  rest = max(total_steps - warmup, 1)
+  if tcfg.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(peak, decay_steps=rest, alpha=0.0)
+  elif tcfg.schedule == 'exponential':
+    main = optax.exponential_decay(
+        peak, transition_steps=max(1, int(round(tcfg.decay_epochs * steps_per_epoch))),
+        decay_rate=tcfg.decay_rate, staircase=True)
+  elif tcfg.schedule == 'constant':
+    main = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f'unknown schedule {tcfg.schedule!r}')
+  if warmup <= 0:
+    return main
+  # Warmup reaches the peak at step `warmup` (starting from peak / warmup at step 0).
+  ramp = optax.linear_schedule(peak / warmup, peak, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def decay_mask(params):
+  """True for conv and dense kernels (rank >= 2), the weights L2 applies to."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(tcfg, schedule) -> optax.GradientTransformation:
+  parts = []
+  if tcfg.weight_decay:
+    parts.append(optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask))
+  if tcfg.optimizer == 'sgd':
+    parts.append(optax.sgd(schedule, momentum=tcfg.momentum or None, nesterov=tcfg.nesterov))
+  elif tcfg.optimizer == 'rmsprop':
+    parts.append(optax.rmsprop(schedule, decay=tcfg.rmsprop_decay, eps=tcfg.rmsprop_epsilon,
+                               initial_scale=1.0, eps_in_sqrt=True,
+                               momentum=tcfg.momentum or None))
+  else:
+    raise ValueError(f'unknown optimizer {tcfg.optimizer!r}')
+  return optax.chain(*parts)
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Retrainer:
+  """Compiled init-free training and evaluation of one fixed architecture."""
+
+  def __init__(self, space: spaces.SearchSpace, ops: Sequence[str], tcfg, *, image_shape,
+               steps_per_epoch: int, total_steps: int, mesh, seed: int):
+    self.space = space
+    self.ops = tuple(ops)
+    self.tcfg = tcfg
+    self.image_shape = tuple(image_shape)
+    self.total_steps = int(total_steps)
+    self.steps_per_epoch = int(steps_per_epoch)
+    self.mesh = mesh
+    self.seed = int(seed)
+    self.net = supernet.SuperNet(space, supernet.fixed_layer_ops(space, self.ops),
+                                 dropout_rate=float(tcfg.dropout_rate))
+    self.schedule = make_schedule(tcfg, steps_per_epoch, total_steps)
+    self.tx = make_optimizer(tcfg, self.schedule)
+    self.ema_decay = float(tcfg.ema_decay)
+    self.label_smoothing = float(tcfg.label_smoothing)
+    repl = mesh_lib.replicated(mesh)
+    self.train_step = jax.jit(self._train_step, out_shardings=repl, donate_argnums=0)
+    self._eval_step = jax.jit(self._eval_sums, out_shardings=repl)
+    self.all_finite = jax.jit(_all_finite, out_shardings=repl)
+
+  # ----- state
+
+  def _state_from_variables(self, variables) -> dict:
+    params = variables['params']
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'batch_stats': variables['batch_stats'], 'opt_state': self.tx.init(params)}
+    if self.ema_decay:
+      state['ema'] = {'params': params, 'batch_stats': variables['batch_stats']}
+    return state
+
+  def init(self) -> dict:
+    """The initial state, replicated over the mesh (values from `SuperNet.init_all`)."""
+    variables = self.net.init_all(self.seed, self.image_shape)
+    variables = jax.tree.map(jnp.asarray, variables)
+    state = jax.jit(self._state_from_variables)(variables)
+    return mesh_lib.replicate(state, self.mesh)
+
+  def abstract_state(self) -> dict:
+    shapes = jax.eval_shape(lambda: self.net.init(
+        jax.random.key(0), jnp.zeros((1, *self.image_shape)), train=False))
+    return mesh_lib.abstract(jax.eval_shape(self._state_from_variables, shapes), self.mesh)
+
+  # ----- steps
+
+  def _train_step(self, state, batch):
+    step = state['step']
+    rng = jax.random.fold_in(jax.random.key(self.seed), step)
+
+    def loss_fn(params):
+      logits, updated = self.net.apply(
+          {'params': params, 'batch_stats': state['batch_stats']}, batch['image'],
+          train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+      loss = optim.cross_entropy(logits, batch['label'], self.label_smoothing)
+      return loss, (logits, updated['batch_stats'])
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = {'step': step + 1, 'params': params, 'batch_stats': stats, 'opt_state': opt_state}
+    if self.ema_decay:
+      t = step.astype(jnp.float32)
+      decay = jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
+      new['ema'] = jax.tree.map(lambda e, v: decay * e + (1.0 - decay) * v, state['ema'],
+                                {'params': params, 'batch_stats': stats})
+    metrics = {'loss': loss,
+               'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'learning_rate': self.schedule(step)}
+    return new, metrics
+
+  def eval_variables(self, state):
+    source = state['ema'] if self.ema_decay else state
+    return {'params': source['params'], 'batch_stats': source['batch_stats']}
+
+  def _eval_sums(self, state, batch):
+    logits = self.net.apply(self.eval_variables(state), batch['image'], train=False)
+    labels = batch['label']
+    mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
+    k = min(5, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[1]
+    correct1 = (top[:, 0] == labels).astype(jnp.float32)
+    correct5 = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {'correct1': jnp.sum(correct1 * mask), 'correct5': jnp.sum(correct5 * mask),
+            'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
+
+  def evaluate(self, state, batches: Iterable[dict]) -> dict:
+    totals = None
+    for batch in batches:
+      sums = self._eval_step(state, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+      raise data.DataError('the eval split yielded no batches')
+    totals = {k: float(v) for k, v in mesh_lib.to_host(totals).items()}
+    count = max(totals['count'], 1.0)
+    return {'top1': totals['correct1'] / count, 'top5': totals['correct5'] / count,
+            'loss': totals['loss'] / count, 'examples': int(totals['count'])}
+
+
+# --------------------------------------------------------------------------------------------
+# The driver.
+
+
+@dataclasses.dataclass
+class RunPaths:
+  run_dir: str
+
+  @property
+  def checkpoints(self) -> str:
+    return os.path.join(self.run_dir, 'checkpoints')
+
+  @property
+  def results(self) -> str:
+    return os.path.join(self.run_dir, 'results.json')
+
+
+def total_steps(tcfg, steps_per_epoch: int) -> int:
+  if tcfg.steps > 0:
+    return int(tcfg.steps)
+  return max(1, int(round(tcfg.epochs * steps_per_epoch)))
+
+
+def model_meta(setup, ops, total: int, phase: str) -> dict:
+  """What a saved model needs besides its arrays to be rebuilt and evaluated."""
+  space = setup.space
+  return {'kind': 'retrain', 'phase': phase, 'space': space.name, 'width': space.width,
+          'resolution': space.resolution, 'num_classes': space.num_classes,
+          'space_ops': list(space.op_names), 'image_shape': list(setup.image_shape), 'dataset': setup.dataset,
+          'ops': list(ops), 'total_steps': int(total), 'train': config_train_dict(setup)}
+
+
+def config_train_dict(setup) -> dict:
+  return setup.config.train.to_dict()
+
+
+def fingerprint(config, setup, ops) -> dict:
+  """The fields a retraining run's results depend on (checked when a workdir is reused)."""
+  return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
+          'image_shape': list(setup.image_shape), 'seed': int(config.seed), 'ops': list(ops),
+          **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items()) if k != 'arch'}}
+
+
+def eval_batches(setup, batch_size: int):
+  return data.prefetch_to_mesh(
+      data.make_batches(setup.dataset, 'eval', batch_size=batch_size,
+                        image_size=setup.image_size, seed=0, train=False,
+                        data_dir=setup.data_dir, channels=setup.channels), setup.mesh)
+
+
+def _check_finite(trainer, state, loss_sum, phase, step, last_good, directory):
+  bad = not math.isfinite(loss_sum) or not bool(mesh_lib.to_host(trainer.all_finite(
+      state['params'])))
+  if bad:
+    kept = (f'the last good checkpoint (step {last_good}) is kept in {directory}'
+            if last_good is not None else 'no checkpoint had been written yet')
+    raise TrainingError(f'{phase}: the loss became non-finite by step {step}; stopped, {kept}; '
+                        'try a lower config.train.learning_rate')
+
+
+def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dict:
+  """Trains `ops` from scratch (or continues the run in `run_dir`) and evaluates it.
+
+  Returns the results dict also written to <run_dir>/results.json.
+  """
+  tcfg = config.train
+  paths = RunPaths(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  checkpoint.check_fingerprint(os.path.dirname(run_dir), phase, fingerprint(config, setup, ops))
+  steps_per_epoch = data.steps_per_epoch(setup.dataset, 'train', tcfg.batch_size,
+                                         data_dir=setup.data_dir)
+  total = total_steps(tcfg, steps_per_epoch)
+  trainer = Retrainer(setup.space, ops, tcfg, image_shape=setup.image_shape,
+                      steps_per_epoch=steps_per_epoch, total_steps=total, mesh=setup.mesh,
+                      seed=config.seed)
+  meta = model_meta(setup, ops, total, phase)
+  ckpt = checkpoint.Checkpointer(paths.checkpoints, keep=config.keep_checkpoints)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = trainer.init()
+      logging_utils.info(f'[{phase}] training {setup.space.name} from scratch: {total} steps '
+                         f'({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}), batch '
+                         f'{tcfg.batch_size}, on {mesh_lib.describe(setup.mesh)}')
+    else:
+      state = ckpt.restore(latest, lambda other: trainer.abstract_state())
+      state.pop('meta', None)
+      logging_utils.info(f'[{phase}] resuming from the checkpoint of step {latest} in '
+                         f'{paths.checkpoints}')
+    step = int(mesh_lib.to_host(state['step']))
+    last_good = latest
+    writer = logging_utils.SummaryWriter(
+        os.path.join(os.path.dirname(run_dir), 'tensorboard', phase), enabled=config.tensorboard)
+    with writer:
+      if step < total:
+        state, last_good = _train_loop(config, setup, trainer, state, step, total, ckpt, meta,
+                                       phase, paths, last_good, writer)
+      ckpt.wait()
+      results = trainer.evaluate(state, eval_batches(setup, tcfg.eval_batch_size))
+      writer.scalars(total, {'eval/top1': results['top1'], 'eval/top5': results['top5'],
+                             'eval/loss': results['loss']})
+  finally:
+    ckpt.close()
+  results.update({'phase': phase, 'steps': total, 'ops': list(ops),
+                  'evaluated': 'ema' if trainer.ema_decay else 'weights'})
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(paths.results, results)
+  logging_utils.info(f'[{phase}] eval: top-1 {100 * results["top1"]:.2f}%  top-5 '
+                     f'{100 * results["top5"]:.2f}%  loss {results["loss"]:.4f} '
+                     f'({results["examples"]} examples)')
+  return results
+
+
+def _train_loop(config, setup, trainer, state, step, total, ckpt, meta, phase, paths,
+                last_good, writer):
+  tcfg = config.train
+  batches = data.prefetch_to_mesh(
+      data.make_batches(setup.dataset, 'train', batch_size=tcfg.batch_size,
+                        image_size=setup.image_size, seed=config.seed, start_step=step,
+                        train=True, data_dir=setup.data_dir, channels=setup.channels),
+      setup.mesh)
+  progress = logging_utils.Progress(phase, total, step, tcfg.batch_size)
+  log_every = max(1, config.log_every_steps)
+  ckpt_every = max(1, config.checkpoint_every_steps)
+  eval_every = max(0, tcfg.eval_every_steps)
+  sums, count = None, 0
+  loss_since_check = jnp.zeros(())
+  while step < total:
+    state, metrics = trainer.train_step(state, next(batches))
+    step += 1
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    count += 1
+    loss_since_check = loss_since_check + metrics['loss']
+    if step % log_every == 0 or step == total:
+      host = {k: float(v) / count for k, v in mesh_lib.to_host(sums).items()}
+      sums, count = None, 0
+      if not math.isfinite(host['loss']):
+        _check_finite(trainer, state, float('nan'), phase, step, last_good, paths.checkpoints)
+      rates = progress.line(step, host)
+      writer.scalars(step, {**{f'train/{k}': v for k, v in host.items()},
+                            'train/images_per_sec': rates['images_per_sec']})
+    if step % ckpt_every == 0 or step == total:
+      _check_finite(trainer, state, float(mesh_lib.to_host(loss_since_check)), phase, step,
+                    last_good, paths.checkpoints)
+      loss_since_check = jnp.zeros(())
+      ckpt.save(step, {**state, 'meta': meta})
+      last_good = step
+    if eval_every and step % eval_every == 0 and step < total:
+      results = trainer.evaluate(state, eval_batches(setup, tcfg.eval_batch_size))
+      logging_utils.info(f'[{phase}] step {step}: eval top-1 {100 * results["top1"]:.2f}%')
+      writer.scalars(step, {'eval/top1': results['top1'], 'eval/top5': results['top5'],
+                            'eval/loss': results['loss']})
+  return state, last_good
+
+
+def load_model(config, setup, run_dir: str, phase: str = 'train'):
+  """(trainer, state, meta) of the latest checkpoint in `run_dir` (for 'eval' mode)."""
+  paths = RunPaths(run_dir)
+  if not os.path.isdir(paths.checkpoints):
+    raise checkpoint.CheckpointError(
+        f'no trained model in {run_dir}: run --config.mode=train (or search) in this workdir '
+        'first')
+  ckpt = checkpoint.Checkpointer(paths.checkpoints, keep=config.keep_checkpoints)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      raise checkpoint.CheckpointError(f'no complete checkpoint in {paths.checkpoints}: run '
+                                       '--config.mode=train in this workdir first')
+    holder = {}
+
+    def template(other):
+      meta = other.get('meta') or {}
+      if meta.get('kind') != 'retrain':
+        raise checkpoint.CheckpointError(f'{paths.checkpoints} does not hold a trained model')
+      space = spaces.get_space(meta['space'], resolution=int(meta['resolution']),
+                               num_classes=int(meta['num_classes']), width=float(meta['width']),
+                               ops=tuple(meta['space_ops']))
+      import ml_collections  # pylint: disable=g-import-not-at-top
+      tcfg = ml_collections.ConfigDict(meta['train'])
+      holder['trainer'] = Retrainer(
+          space, meta['ops'], tcfg, image_shape=tuple(meta['image_shape']),
+          steps_per_epoch=1, total_steps=int(meta['total_steps']), mesh=setup.mesh,
+          seed=config.seed)
+      holder['meta'] = meta
+      return holder['trainer'].abstract_state()
+
+    state = ckpt.restore(latest, template)
+  finally:
+    ckpt.close()
+  state.pop('meta', None)
+  return holder['trainer'], state, holder['meta']

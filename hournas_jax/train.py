@@ -1,0 +1,446 @@
+"""The driver: `train_and_evaluate(config, workdir)` runs a config's mode in a workdir.
+
+Modes (config.mode):
+- 'search': the two HourNAS stages (vital blocks, then non-vital blocks under the space
+  proposals), then the result: arch.json, summary.txt and plots in the workdir; then, with
+  config.retrain_after_search, retraining of the found architecture (workdir/train) and, with
+  config.random_baseline, of a random architecture of the same budget (workdir/random).
+- 'train': trains config.train.arch from scratch ('' = the workdir's arch.json, a preset name,
+  a JSON file or comma-separated ops), and the random baseline when configured.
+- 'eval': loads the trained model(s) saved in the workdir and evaluates them.
+
+Workdir layout:
+    config.json         the resolved config of the latest run (rewritten by every run)
+    fingerprint.json    the fields that matter, per phase; a run of another config is refused
+    search/checkpoints  orbax checkpoints of the search state
+    arch.json, summary.txt, theta.png, pi.png, proposals.png   the search result
+    train/checkpoints, train/results.json     retraining of the searched (or given) arch
+    random/...          retraining of the random baseline; comparison.json
+    eval_results.json   written by 'eval' mode
+    tensorboard/<phase> event files
+Every run continues from the latest complete checkpoint of the phase it is in, so a killed run
+restarted with the same command ends as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from hournas_jax import analysis
+from hournas_jax import arch as arch_lib
+from hournas_jax import checkpoint
+from hournas_jax import costs
+from hournas_jax import data
+from hournas_jax import logging_utils
+from hournas_jax import mesh as mesh_lib
+from hournas_jax import proposals
+from hournas_jax import retrain
+from hournas_jax import spaces
+
+MODES = ('search', 'train', 'eval')
+SAMPLERS = ('gumbel_max', 'gumbel_softmax')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be used; the message names the field."""
+
+
+class SearchError(RuntimeError):
+  """The search cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The exception types main.py reports as one `error: ...` line (no traceback)."""
+  errors = [spaces.SpaceError, data.DataError, proposals.ProposalError, ConfigError,
+            SearchError, checkpoint.CheckpointError, checkpoint.WorkdirError,
+            retrain.TrainingError]
+  try:
+    from hournas_jax import search  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    search = None
+  for name in ('SearchError', 'TargetError', 'ProposalError', 'SearchConfigError'):
+    error = getattr(search, name, None)
+    if isinstance(error, type) and issubclass(error, Exception):
+      errors.append(error)
+  return tuple(errors)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a phase needs that is derived from the config once."""
+  config: Any
+  workdir: str
+  dataset: str
+  data_dir: str | None
+  image_size: int
+  channels: int
+  num_classes: int
+  space: spaces.SearchSpace
+  mesh: Any
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Config checks and resolution.
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(config) -> None:
+  _check(config.mode in MODES, f'config.mode must be one of {", ".join(MODES)}, got '
+         f'{config.mode!r}')
+  _check(isinstance(config.seed, int) and config.seed >= 0,
+         f'config.seed must be a non-negative integer, got {config.seed!r}')
+  _check(config.dataset in data.DATASETS, f'config.dataset must be one of '
+         f'{", ".join(data.DATASETS)}, got {config.dataset!r}')
+  _check(config.image_size >= 0, 'config.image_size must be >= 0 (0 = dataset default)')
+  allowed_channels = (0, 1, 3) if config.dataset == 'digits' else (0, 3)
+  _check(config.channels in allowed_channels, f'config.channels must be one of '
+         f'{allowed_channels} for {config.dataset}, got {config.channels!r}')
+  for key in ('params', 'flops'):
+    value = config.targets[key]
+    _check(_finite(value) and value >= 0, f'config.targets.{key} must be a number >= 0 '
+           f'(0 = no target), got {value!r}')
+  s = config.search
+  _check(s.sampler in SAMPLERS, f'config.search.sampler must be one of {", ".join(SAMPLERS)},'
+         f' got {s.sampler!r}')
+  _check(s.batch_size > 0, 'config.search.batch_size must be positive')
+  for key in ('vital_epochs', 'nonvital_epochs', 'vital_steps', 'nonvital_steps', 'val_every'):
+    _check(s[key] >= 0, f'config.search.{key} must be >= 0')
+  _check(s.num_proposals >= 1, 'config.search.num_proposals must be >= 1')
+  _check(s.tau0 > 0 and 0 < s.tau_decay <= 1,
+         'config.search.tau0 must be > 0 and config.search.tau_decay in (0, 1]')
+  t = config.train
+  _check(t.optimizer in retrain.OPTIMIZERS, f'config.train.optimizer must be one of '
+         f'{", ".join(retrain.OPTIMIZERS)}, got {t.optimizer!r}')
+  _check(t.schedule in retrain.SCHEDULES, f'config.train.schedule must be one of '
+         f'{", ".join(retrain.SCHEDULES)}, got {t.schedule!r}')
+  _check(t.lr_scaling in ('linear', 'none'), "config.train.lr_scaling must be 'linear' or "
+         f"'none', got {t.lr_scaling!r}")
+  _check(t.batch_size > 0 and t.eval_batch_size > 0,
+         'config.train.batch_size and eval_batch_size must be positive')
+  _check(t.epochs >= 0 and t.steps >= 0 and (t.epochs > 0 or t.steps > 0),
+         'config.train.epochs or config.train.steps must be positive')
+  _check(_finite(t.learning_rate) and t.learning_rate > 0,
+         'config.train.learning_rate must be positive')
+  _check(0 <= t.label_smoothing < 1, 'config.train.label_smoothing must be in [0, 1)')
+  _check(0 <= t.dropout_rate < 1, 'config.train.dropout_rate must be in [0, 1)')
+  _check(0 <= t.ema_decay < 1, 'config.train.ema_decay must be in [0, 1)')
+  _check(t.warmup_epochs >= 0 and t.decay_epochs > 0, 'config.train.warmup_epochs must be >= 0'
+         ' and decay_epochs > 0')
+  _check(config.checkpoint_every_steps > 0, 'config.checkpoint_every_steps must be positive')
+  _check(config.log_every_steps > 0, 'config.log_every_steps must be positive')
+  _check(config.keep_checkpoints >= 1, 'config.keep_checkpoints must be >= 1')
+
+
+def resolve_setup(config, workdir: str) -> Setup:
+  data_dir = config.data_dir or None
+  info = data.dataset_info(config.dataset, data_dir)
+  image_size = config.image_size or int(info['image_shape'][0])
+  channels = config.channels or int(info['image_shape'][2])
+  ops = tuple(o.strip() for o in config.ops.split(',') if o.strip()) or None
+  space = spaces.get_space(config.space, resolution=image_size,
+                           num_classes=int(info['num_classes']), width=config.width, ops=ops)
+  return Setup(config=config, workdir=workdir, dataset=config.dataset, data_dir=data_dir,
+               image_size=image_size, channels=channels, num_classes=int(info['num_classes']),
+               space=space, mesh=mesh_lib.make_mesh())
+
+
+def write_config(setup: Setup) -> None:
+  config = setup.config.to_dict()
+  config['image_size'] = setup.image_size
+  config['channels'] = setup.channels
+  resolved = {'num_classes': setup.num_classes, 'image_shape': list(setup.image_shape),
+              'devices': jax.device_count(), 'processes': jax.process_count(),
+              'platform': jax.devices()[0].platform}
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(setup.workdir, 'config.json'),
+                                 {**config, 'resolved': resolved})
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs config.mode in workdir; returns a summary dict (also what was written to disk)."""
+  validate_config(config)
+  mesh_lib.maybe_initialize_distributed(config.multi_host)
+  workdir = checkpoint.prepare_workdir(workdir)
+  setup = resolve_setup(config, workdir)
+  write_config(setup)
+  if config.mode == 'search':
+    result = run_search(setup)
+    summary = {'search': result}
+    if config.retrain_after_search:
+      ops = [result['ops'][name] for name in setup.space.searchable_names]
+      summary.update(_train_phases(setup, ops))
+    return summary
+  if config.mode == 'train':
+    return _train_phases(setup, resolve_architecture(setup))
+  return run_eval(setup)
+
+
+def _train_phases(setup: Setup, ops: Sequence[str]) -> dict:
+  results = {'train': retrain.run(setup.config, setup, os.path.join(setup.workdir, 'train'),
+                                  ops, phase='train')}
+  if setup.config.random_baseline:
+    random_ops, budget = random_architecture(setup.space, setup.config.targets, ops,
+                                             setup.config.seed)
+    results['random'] = retrain.run(setup.config, setup, os.path.join(setup.workdir, 'random'),
+                                    random_ops, phase='random')
+    results['comparison'] = compare(setup, ops, random_ops, results, budget)
+  return results
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures.
+
+
+def resolve_architecture(setup: Setup) -> list[str]:
+  spec = setup.config.train.arch
+  if not spec:
+    path = os.path.join(setup.workdir, 'arch.json')
+    if not os.path.exists(path):
+      raise ConfigError(f'no searched architecture in {setup.workdir} (arch.json): run '
+                        '--config.mode=search there first, or set --config.train.arch to a '
+                        'preset, a JSON file or comma-separated ops')
+    return list(arch_lib.load(path, setup.space).ops)
+  return list(arch_lib.resolve(spec, setup.space).ops)
+
+
+def random_architecture(space: spaces.SearchSpace, targets, ops: Sequence[str], seed: int,
+                        tolerance: float = 0.05, samples: int = 20000):
+  """A uniformly random architecture with the same budget: within `tolerance` of each target
+  (of the given architecture's cost where a target is 0), else the closest of `samples`.
+
+  Returns (ops, budget {'params': ..., 'flops': ...}).
+  """
+  tables = costs.cost_tables(space)
+  own = tables.cost(arch_lib.Architecture(space.name, tuple(ops)).indices(space))
+  budget = {key: float(targets[key]) for key in ('params', 'flops') if targets[key]}
+  if not budget:
+    budget = {'params': float(own[0]), 'flops': float(own[1])}
+  rng = np.random.default_rng([seed, 0x52414E44])
+  u = np.where(tables.mask[None], rng.random((samples, *tables.mask.shape)), -1.0)
+  idx = u.argmax(-1)
+  rows = np.arange(tables.mask.shape[0])
+  values = {'params': tables.fixed_params + tables.params[rows, idx].sum(-1),
+            'flops': tables.fixed_flops + tables.flops[rows, idx].sum(-1)}
+  deviation = np.stack([np.abs(values[k] - v) / v for k, v in budget.items()], -1)
+  within = np.flatnonzero((deviation <= tolerance).all(-1))
+  pick = int(within[0]) if within.size else int(deviation.sum(-1).argmin())
+  return [space.op_names[i] for i in idx[pick]], budget
+
+
+def compare(setup: Setup, ops, random_ops, results, budget) -> dict:
+  tables = costs.cost_tables(setup.space)
+  rows = {}
+  for name, arch_ops in (('searched', ops), ('random', random_ops)):
+    params, flops = tables.cost(arch_lib.Architecture(setup.space.name,
+                                                      tuple(arch_ops)).indices(setup.space))
+    phase = 'train' if name == 'searched' else 'random'
+    rows[name] = {'ops': list(arch_ops), 'params': params, 'flops': flops,
+                  'top1': results[phase]['top1'], 'top5': results[phase]['top5']}
+  comparison = {'budget': budget, **rows}
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(setup.workdir, 'comparison.json'), comparison)
+  lines = ['', 'searched vs random architecture of the same budget (test set):']
+  for name, row in rows.items():
+    lines.append(f'  {name:<8} top-1 {100 * row["top1"]:6.2f}%  top-5 {100 * row["top5"]:6.2f}%'
+                 f'  {row["params"] / 1e6:.3f}M params  {row["flops"] / 1e6:.3f}M FLOPs')
+  logging_utils.info('\n'.join(lines))
+  return comparison
+
+
+# --------------------------------------------------------------------------------------------
+# Search.
+
+
+def search_fingerprint(setup: Setup) -> dict:
+  config = setup.config
+  return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
+          'ops': list(setup.space.op_names),
+          'image_shape': list(setup.image_shape), 'seed': int(config.seed),
+          'targets.params': float(config.targets.params),
+          'targets.flops': float(config.targets.flops),
+          **{f'search.{k}': v for k, v in sorted(config.search.to_dict().items())}}
+
+
+def search_steps(setup: Setup) -> tuple[int, int, int]:
+  """(steps per epoch of D_tr, vital steps, non-vital steps)."""
+  s = setup.config.search
+  per_epoch = data.steps_per_epoch(setup.dataset, 'search_train', s.batch_size,
+                                   data_dir=setup.data_dir)
+  vital = int(s.vital_steps) or max(1, int(round(s.vital_epochs * per_epoch)))
+  nonvital = int(s.nonvital_steps) or max(1, int(round(s.nonvital_epochs * per_epoch)))
+  return per_epoch, vital, nonvital
+
+
+def _with_sharding(template, mesh):
+  """Adds the replicated sharding to template leaves that have none."""
+  sharding = mesh_lib.replicated(mesh)
+
+  def fix(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and getattr(x, 'sharding', None) is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return x
+
+  return jax.tree.map(fix, template)
+
+
+def run_search(setup: Setup) -> dict:
+  from hournas_jax import search  # pylint: disable=g-import-not-at-top
+  config = setup.config
+  checkpoint.check_fingerprint(setup.workdir, 'search', search_fingerprint(setup))
+  per_epoch, vital_steps, nonvital_steps = search_steps(setup)
+  searcher = search.Searcher(setup.space, config.search, config.targets, setup.image_shape,
+                             vital_steps, nonvital_steps)
+  directory = os.path.join(setup.workdir, 'search', 'checkpoints')
+  ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      logging_utils.info(
+          f'[search] {setup.space.name} on {setup.dataset} {setup.image_shape}: '
+          f'{vital_steps} vital + {nonvital_steps} non-vital steps (batch '
+          f'{config.search.batch_size}, {per_epoch} steps per epoch of D_tr), on '
+          f'{mesh_lib.describe(setup.mesh)}')
+      state = searcher.init(config.seed)
+    else:
+      state = ckpt.restore(latest, lambda other: _with_sharding(
+          searcher.template(other.get('meta', {})), setup.mesh))
+      logging_utils.info(f'[search] resuming from the checkpoint of step {latest} (stage '
+                         f'{searcher.stage(state)}) in {directory}')
+    if searcher.stage(state) != 'done':
+      state = _search_loop(setup, searcher, state, ckpt, vital_steps + nonvital_steps,
+                           directory, latest)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return _write_search_result(setup, searcher, state)
+
+
+def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
+  config = setup.config
+  s = config.search
+  counters = state['counters']
+
+  def stream(split, start):
+    return data.prefetch_to_mesh(
+        data.make_batches(setup.dataset, split, batch_size=s.batch_size,
+                          image_size=setup.image_size, seed=config.seed,
+                          start_step=int(start), train=True, data_dir=setup.data_dir,
+                          channels=setup.channels), setup.mesh)
+
+  train_batches = stream('search_train', counters['tr_step'])
+  val_batches = None  # created on first use: a stage may never take a D_val step
+  step = int(counters['step'])
+  progress = logging_utils.Progress('search', total, step, s.batch_size)
+  sums, count = {}, 0
+  with logging_utils.SummaryWriter(os.path.join(setup.workdir, 'tensorboard', 'search'),
+                                   enabled=config.tensorboard) as writer:
+    while True:
+      stage = searcher.stage(state)
+      if stage == 'done':
+        break
+      tr_batch = next(train_batches)
+      val_batch = None
+      if searcher.needs_val(state):
+        if val_batches is None:
+          val_batches = stream('search_val', state['counters']['val_step'])
+        val_batch = next(val_batches)
+      state, metrics = searcher.train_step(state, tr_batch, val_batch)
+      step = int(state['counters']['step'])
+      loss = float(metrics.get('loss', 0.0))
+      if not math.isfinite(loss):
+        kept = (f'the last good checkpoint (step {last_good}) is kept in {directory}'
+                if last_good is not None else 'no checkpoint had been written yet')
+        raise SearchError(f'search: the loss became non-finite at step {step} ({stage} '
+                          f'stage); stopped, {kept}; try a lower config.search.weight_lr')
+      for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'tau':
+          sums[key] = sums.get(key, 0.0) + float(value)
+      count += 1
+      new_stage = searcher.stage(state)
+      if step % config.log_every_steps == 0 or new_stage != stage:
+        shown = {k: v / count for k, v in sums.items()}
+        if 'tau' in metrics:
+          shown['tau'] = float(metrics['tau'])
+        rates = progress.line(step, shown, stage)
+        writer.scalars(step, {**{f'search/{k}': v for k, v in shown.items()},
+                              'search/images_per_sec': rates['images_per_sec']})
+        sums, count = {}, 0
+      if new_stage != stage or step % config.checkpoint_every_steps == 0:
+        ckpt.save(step, state)
+        last_good = step
+      if new_stage != stage:
+        meta = state.get('meta', {}) if isinstance(state, dict) else {}
+        vital_ops = meta.get('vital_ops') if isinstance(meta, dict) else None
+        logging_utils.info(f'[search] {stage} stage done at step {step}'
+                           + (f'; vital ops: {vital_ops}' if vital_ops else ''))
+  return state
+
+
+def _write_search_result(setup: Setup, searcher, state) -> dict:
+  config = setup.config
+  result = searcher.result(state)
+  architecture = arch_lib.Architecture.from_dict(result, setup.space)
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(setup.workdir, 'arch.json'), result)
+    samples = None
+    if config.proposal_samples > 0:
+      samples = searcher.proposal_samples(state, int(config.proposal_samples))
+    analysis.write_search_report(setup.workdir, setup.space, result, samples)
+    with open(os.path.join(setup.workdir, 'summary.txt')) as f:
+      logging_utils.info('\n' + f.read())
+  logging_utils.info(f'[search] architecture written to {setup.workdir}/arch.json: '
+                     f'{",".join(architecture.ops)}')
+  return result
+
+
+# --------------------------------------------------------------------------------------------
+# Eval.
+
+
+def run_eval(setup: Setup) -> dict:
+  results = {}
+  for phase in ('train', 'random'):
+    run_dir = os.path.join(setup.workdir, phase)
+    if phase == 'random' and not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+      continue
+    trainer, state, meta = retrain.load_model(setup.config, setup, run_dir, phase)
+    if meta.get('dataset') != setup.dataset or tuple(meta['image_shape']) != setup.image_shape:
+      raise ConfigError(f'the model in {run_dir} was trained on {meta.get("dataset")} '
+                        f'{tuple(meta["image_shape"])}, not {setup.dataset} '
+                        f'{setup.image_shape}: evaluate it with the config it was trained with')
+    step = int(mesh_lib.to_host(state['step']))
+    if step < int(meta['total_steps']):
+      logging_utils.info(f'[eval] note: the {phase} run stopped at step {step} of '
+                         f'{meta["total_steps"]}; evaluating that checkpoint')
+    batches = retrain.eval_batches(setup, setup.config.train.eval_batch_size)
+    out = trainer.evaluate(state, batches)
+    out.update({'step': step, 'ops': meta['ops']})
+    results[phase] = out
+    logging_utils.info(f'[eval] {phase}: top-1 {100 * out["top1"]:.2f}%  top-5 '
+                       f'{100 * out["top5"]:.2f}%  loss {out["loss"]:.4f} '
+                       f'({out["examples"]} examples, step {step})')
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(setup.workdir, 'eval_results.json'), results)
+  return results
