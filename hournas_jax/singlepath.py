@@ -127,8 +127,7 @@ class SinglePathEngine:
     variables = self.net.variable_shapes(image_shape)
     params = variables['params']
     return {'params': params, 'batch_stats': variables['batch_stats'],
-            'opt_state': jax.eval_shape(
-                lambda p: optim.init_candidate_states(self.direction, p), params)}
+            'opt_state': optim.candidate_state_shapes(self.direction, params)}
 
   def _path_ops(self, path: Mapping[str, str]):
     return [(l.name, ops[0] if len(ops) == 1 else path[l.name]) for l, ops in self.chain]

@@ -12,6 +12,7 @@ for initialisation, the weighted sum of every candidate.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import flax.linen as nn
@@ -117,7 +118,13 @@ class SuperNet(nn.Module):
                                                 leaf.dtype), self.variable_shapes(image_shape))
 
   def variable_shapes(self, image_shape) -> dict:
-    """Every candidate's variables as jax.ShapeDtypeStruct leaves (tracing only)."""
-    weights = {l.name: jnp.full((len(o),), 1.0 / len(o)) for l, o in self.active_layers}
-    return jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                            weights=weights, train=False))
+    """Every candidate's variables as jax.ShapeDtypeStruct leaves (tracing only, cached)."""
+    return _variable_shapes(self, tuple(image_shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _variable_shapes(net: SuperNet, image_shape):
+  # Tracing ~200 candidates takes seconds; a search asks for the same shapes several times.
+  weights = {l.name: jnp.full((len(o),), 1.0 / len(o)) for l, o in net.active_layers}
+  return jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                         weights=weights, train=False))

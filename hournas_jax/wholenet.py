@@ -41,8 +41,7 @@ class WholeNetEngine:
     variables = self.net.variable_shapes(image_shape)
     params = variables['params']
     return {'params': params, 'batch_stats': variables['batch_stats'],
-            'opt_state': jax.eval_shape(
-                lambda p: optim.init_candidate_states(self.direction, p), params)}
+            'opt_state': optim.candidate_state_shapes(self.direction, params)}
 
   def _loss(self, params, stats, images, labels, weights, rng):
     logits, updated = self.net.apply(
