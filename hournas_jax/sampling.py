@@ -43,11 +43,16 @@ def probabilities(theta, tau=1.0, mask=None):
 def gumbel_max(key, theta, tau=1.0, mask=None):
   """One architecture per row of theta.
 
-  Returns (indices [..., L] int32, a [..., L, O]): `a` is one-hot in value (up to rounding), and its
-  gradient is that of softmax(theta / tau + g), the straight-through estimator, so the loss of
-  the sampled path sends gradients to every logit of each layer.
+  Returns (indices [..., L] int32, a [..., L, O]): `a` is one-hot in value (up to rounding),
+  and its gradient is that of softmax(theta / tau + g), the straight-through estimator, so the
+  loss of the sampled path sends gradients to every logit of each layer.
   """
-  z = masked_logits(theta, tau, mask) + gumbel_noise(key, theta.shape, theta.dtype)
+  return straight_through(gumbel_noise(key, theta.shape, theta.dtype), theta, tau, mask)
+
+
+def straight_through(noise, theta, tau=1.0, mask=None):
+  """`gumbel_max` with its Gumbel noise given (for loops that draw all their noise up front)."""
+  z = masked_logits(theta, tau, mask) + noise
   indices = jnp.argmax(z, axis=-1).astype(jnp.int32)
   hard = jax.nn.one_hot(indices, theta.shape[-1], dtype=theta.dtype)
   soft = jax.nn.softmax(z, axis=-1)

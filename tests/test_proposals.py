@@ -5,7 +5,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +85,7 @@ def test_resource_loss_gradient_flows_through_straight_through(small):
   maxima = jnp.asarray(proposals.space_maxima(table.stacked(), table.mask, offset))
 
   def loss(theta, active):
-    _, a = proposals.gumbel_max(jax.random.PRNGKey(1), theta, 2.0, mask)
+    _, a = sampling.gumbel_max(jax.random.PRNGKey(1), theta, 2.0, mask)
     return proposals.resource_loss(a, tables, offset, targets, maxima, active)
 
   theta = jnp.asarray(np.random.default_rng(0).normal(size=table.mask.shape), jnp.float32)
@@ -98,13 +97,14 @@ def test_resource_loss_gradient_flows_through_straight_through(small):
   assert np.all(np.asarray(grad_fn(theta, np.array([False, False]))) == 0)
 
 
-def test_gumbel_max_is_sampling_gumbel_max_bit_for_bit():
+def test_straight_through_is_sampling_gumbel_max_given_its_noise():
   theta = jnp.asarray(np.random.default_rng(0).normal(size=(22, 9)), jnp.float32)
   mask = np.ones((22, 9), bool)
   mask[3, 8] = False
+  key = jax.random.PRNGKey(7)
   for tau in (5.0, 0.5):
-    mine = proposals.gumbel_max(jax.random.PRNGKey(7), theta, tau, mask)
-    theirs = sampling.gumbel_max(jax.random.PRNGKey(7), theta, tau, mask)
+    mine = proposals.straight_through(sampling.gumbel_noise(key, theta.shape), theta, tau, mask)
+    theirs = sampling.gumbel_max(key, theta, tau, mask)
     np.testing.assert_array_equal(mine[0], theirs[0])
     np.testing.assert_array_equal(mine[1], theirs[1])
 
@@ -274,6 +274,8 @@ def test_main_bad_input_exits_2_with_one_line(capsys):
       ['--params', '4.8e6', '--fix', 'layer2_1'],
       ['--resolution', '3', '--flops', '300e6'],
       ['--seed', '-1', '--flops', '300e6'],
+      ['--tau-decay', '1.5', '--flops', '300e6'],
+      ['--flops', '300e6', '--plot', '/no/such/folder/figure3.png'],
   ]
   for argv in bad:
     try:
@@ -289,16 +291,24 @@ def test_main_bad_input_exits_2_with_one_line(capsys):
 
 
 def test_main_json_and_plot(small, tmp_path, capsys):
-  """In-process, so it reuses the compiled programs of the tests above."""
+  """In-process, with the fixed layers of test_single_target_and_restricted_space, so it
+  reuses that test's compiled programs."""
   space, table = small
-  params, flops = mid_targets(space, table)
+  vital = [n for n in space.searchable_names if n.endswith('_1')]
+  arch = ['k5e6' if n in vital else 'k3e3' for n in space.searchable_names]
+  params, flops = table.cost([space.op_names.index(op) for op in arch])
   plot = tmp_path / 'figure3.png'
   code = proposals.main(['--space', 'fbnet', '--resolution', '32', '--width', '0.25',
                          '--params', str(params), '--flops', str(flops), '--json',
-                         '--plot', str(plot)])
+                         '--fix', ','.join(f'{n}=k5e6' for n in vital), '--plot', str(plot)])
   assert code == 0
-  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert any(line.startswith('optimisation took') for line in out)
+  summary = json.loads(out[-1])
   assert summary['within_5pct'] >= 0.9
+  assert summary['fixed'] == {n: 'k5e6' for n in vital}
+  for p in summary['per_proposal']:
+    assert all(p['argmax_ops'][space.searchable_names.index(n)] == 'k5e6' for n in vital)
   assert summary['plot'] == str(plot)
   assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -310,18 +320,15 @@ def run_cli(*args):
 
 def test_cli_json_last_line():
   result = run_cli('--space', 'fbnet', '--params', '4.8e6', '--flops', '300e6',
-                   '--proposals', '4', '--iterations', '100', '--samples', '1000', '--fix',
-                   'layer2_1=k5e6,layer3_1=k5e6', '--json')
+                   '--proposals', '2', '--iterations', '20', '--samples', '100', '--json')
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert 0 <= summary['within_5pct'] <= 1
   assert summary['seconds'] > 0
   assert summary['targets'] == {'params': 4.8e6, 'flops': 300e6}
-  assert summary['fixed'] == {'layer2_1': 'k5e6', 'layer3_1': 'k5e6'}
-  assert len(summary['per_proposal']) == 4
+  assert len(summary['per_proposal']) == 2
   for p in summary['per_proposal']:
     assert {'expected_params', 'expected_flops', 'within_5pct'} <= p.keys()
-    assert p['argmax_ops'][1] == 'k5e6' and p['argmax_ops'][5] == 'k5e6'
 
 
 def test_cli_bad_input_subprocess():
@@ -330,3 +337,27 @@ def test_cli_bad_input_subprocess():
   assert result.stderr.strip() == ('error: FLOPs target 10.0M is outside what space fbnet can '
                                    'reach: 51.8M to 572.6M')
   assert result.stdout == ''
+
+
+def test_long_runs_draw_noise_inside_the_loop(small, monkeypatch):
+  """Past _MAX_PRECOMPUTED_NOISE the loop draws its own noise; results stay sound."""
+  space, table = small
+  free, tables, mask, offset = proposals.restrict_tables(table)
+  monkeypatch.setattr(proposals, '_MAX_PRECOMPUTED_NOISE', 0)
+  thetas, tau, losses = proposals.optimize_proposals(
+      jax.random.PRNGKey(0), tables, mask, offset, mid_targets(space, table),
+      proposals.space_maxima(tables, mask, offset), BOTH, num_proposals=2, iterations=40,
+      return_losses=True)
+  assert thetas.shape == (2,) + mask.shape and np.all(np.isfinite(thetas))
+  assert losses.shape == (40,) and float(losses[-10:].mean()) < float(losses[:10].mean())
+
+
+def test_cpu_compile_options_fall_back_when_rejected(monkeypatch):
+  def rejected(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: No such compile option: 'xla_cpu_x'")
+
+  monkeypatch.setattr(proposals, '_optimize_jit_cpu', rejected)
+  monkeypatch.setattr(proposals, '_optimize_jit', lambda *a, **k: 'default')
+  monkeypatch.setattr(proposals, '_cpu_options_rejected', False)
+  assert proposals._run_optimize() == 'default'
+  assert proposals._cpu_options_rejected
