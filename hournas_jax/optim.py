@@ -52,3 +52,19 @@ def correct_topk(logits, labels, k: int = 1):
   """Number of examples whose label is among the k highest logits."""
   topk = jax.lax.top_k(logits, k)[1]
   return jnp.sum(jnp.any(topk == labels[:, None], axis=-1))
+
+
+def init_train_state(net, direction, seed: int, image_shape) -> dict:
+  """{'params', 'batch_stats', 'opt_state'} of a SuperNet, each {layer: {op: tree}}."""
+  variables = net.init_all(seed, image_shape)
+  params = variables['params']
+  return {'params': params, 'batch_stats': variables['batch_stats'],
+          'opt_state': init_candidate_states(direction, params)}
+
+
+def train_state_shapes(net, direction, image_shape) -> dict:
+  """The structure of `init_train_state` as jax.ShapeDtypeStruct leaves."""
+  variables = net.variable_shapes(image_shape)
+  params = variables['params']
+  return {'params': params, 'batch_stats': variables['batch_stats'],
+          'opt_state': candidate_state_shapes(direction, params)}

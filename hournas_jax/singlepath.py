@@ -108,26 +108,17 @@ class SinglePathEngine:
     self.direction = optim.weight_direction(*hyper)
     self._modules = {(l.name, op): blocks.make_block(space, l, op)
                      for l, ops_ in self.chain for op in ops_}
-    self._fwd = _fwd
-    self._fwd_eval = _fwd_eval
     self._bwd_update = functools.partial(_bwd_update, hyper)
-    self._bwd_input = _bwd_input
     smoothing = float(label_smoothing)
     self._head_update = functools.partial(_head_step, hyper, smoothing, True)
     self._head_loss = functools.partial(_head_step, hyper, smoothing, False)
 
   def init(self, seed: int, image_shape) -> dict:
-    variables = self.net.init_all(seed, image_shape)
-    params = variables['params']
-    return {'params': params, 'batch_stats': variables['batch_stats'],
-            'opt_state': optim.init_candidate_states(self.direction, params)}
+    return optim.init_train_state(self.net, self.direction, seed, image_shape)
 
   def state_shapes(self, image_shape) -> dict:
     """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
-    variables = self.net.variable_shapes(image_shape)
-    params = variables['params']
-    return {'params': params, 'batch_stats': variables['batch_stats'],
-            'opt_state': optim.candidate_state_shapes(self.direction, params)}
+    return optim.train_state_shapes(self.net, self.direction, image_shape)
 
   def _path_ops(self, path: Mapping[str, str]):
     return [(l.name, ops[0] if len(ops) == 1 else path[l.name]) for l, ops in self.chain]
@@ -142,7 +133,7 @@ class SinglePathEngine:
       inputs.append(x)
       if op == 'skip':
         continue
-      x, s = self._fwd(self._modules[name, op], params[name][op], stats[name][op], x)
+      x, s = _fwd(self._modules[name, op], params[name][op], stats[name][op], x)
       new_stats[name][op] = s
     return chain, inputs, x, new_stats
 
@@ -185,7 +176,7 @@ class SinglePathEngine:
       if name in self.choice_layers:
         gates[name] = _gate_grad(gy, outputs[i])
       if op != 'skip' and i > first_choice:
-        gy = self._bwd_input(self._modules[name, op], params[name][op],
+        gy = _bwd_input(self._modules[name, op], params[name][op],
                              state['batch_stats'][name][op], inputs[i], gy)
     state = {**state, 'batch_stats': new_stats}
     return state, metrics, gates
@@ -196,5 +187,5 @@ class SinglePathEngine:
     x = images
     for name, op in self._path_ops(path):
       if op != 'skip':
-        x = self._fwd_eval(self._modules[name, op], params[name][op], stats[name][op], x)
+        x = _fwd_eval(self._modules[name, op], params[name][op], stats[name][op], x)
     return x

@@ -31,17 +31,11 @@ class WholeNetEngine:
     self.logits = jax.jit(self._logits)
 
   def init(self, seed: int, image_shape) -> dict:
-    variables = self.net.init_all(seed, image_shape)
-    params = variables['params']
-    return {'params': params, 'batch_stats': variables['batch_stats'],
-            'opt_state': optim.init_candidate_states(self.direction, params)}
+    return optim.init_train_state(self.net, self.direction, seed, image_shape)
 
   def state_shapes(self, image_shape) -> dict:
     """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
-    variables = self.net.variable_shapes(image_shape)
-    params = variables['params']
-    return {'params': params, 'batch_stats': variables['batch_stats'],
-            'opt_state': optim.candidate_state_shapes(self.direction, params)}
+    return optim.train_state_shapes(self.net, self.direction, image_shape)
 
   def _loss(self, params, stats, images, labels, weights, rng):
     logits, updated = self.net.apply(
