@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hournas_jax import checkpoint, costs, spaces
+from hournas_jax import checkpoint, costs, spaces, vital
 
 
 def _pyplot():
@@ -94,6 +94,22 @@ def plot_proposals(path: str, params: np.ndarray, flops: np.ndarray,
   plt.close(fig)
 
 
+def layer_probabilities(space: spaces.SearchSpace, result: Mapping) -> dict:
+  """{layer: {op: p}} for every searchable layer that has a distribution: the vital layers'
+  from theta_vital (stage 1, at tau = 1) and the others' from the result's probabilities."""
+  probs = dict(result.get('probabilities') or {})
+  theta_vital = result.get('theta_vital')
+  if theta_vital is not None:
+    for name, row in zip(vital.vital_layers(space), np.asarray(theta_vital, dtype=float)):
+      if name in probs:
+        continue
+      allowed = [j for j, op in enumerate(space.op_names) if op in space.layer(name).ops]
+      logits = row[allowed] - row[allowed].max()
+      p = np.exp(logits) / np.exp(logits).sum()
+      probs[name] = {space.op_names[j]: float(q) for j, q in zip(allowed, p)}
+  return {n: probs[n] for n in space.searchable_names if n in probs}
+
+
 def _millions(x) -> str:
   return f'{x / 1e6:.3f}M'
 
@@ -102,8 +118,8 @@ def summary_text(space: spaces.SearchSpace, result: Mapping) -> str:
   """A readable table of the searched architecture, its costs against the targets, pi."""
   ops_map = result['ops']
   ops = [ops_map[name] for name in space.searchable_names]
-  vital = set(result.get('vital_ops') or ())
-  probabilities = result.get('probabilities') or {}
+  vital_set = set(result.get('vital_ops') or ())
+  probabilities = layer_probabilities(space, result)
   rows = costs.layer_costs(space, ops)
   lines = [f'HourNAS search result: space {space.name} (width {space.width}, resolution '
            f'{space.resolution}, {space.num_classes} classes)', '',
@@ -115,7 +131,7 @@ def summary_text(space: spaces.SearchSpace, result: Mapping) -> str:
                  f'{row["out_channels"]:>5} {row["stride"]:>2} {row["resolution"]:>4} '
                  f'{row["params"]:>10,} {row["flops"]:>12,} '
                  f'{"" if p is None else f"{p:.2f}":>6}  '
-                 f'{"yes" if row["layer"] in vital else ""}')
+                 f'{"yes" if row["layer"] in vital_set else ""}')
   params = sum(r['params'] for r in rows)
   flops = sum(r['flops'] for r in rows)
   lines += ['', f'total: {_millions(params)} params, {_millions(flops)} FLOPs (multiply-adds)']
@@ -138,7 +154,7 @@ def write_search_report(workdir: str, space: spaces.SearchSpace, result: Mapping
   path = os.path.join(workdir, 'summary.txt')
   checkpoint.atomic_write_text(path, summary_text(space, result))
   written.append(path)
-  probabilities = result.get('probabilities') or {}
+  probabilities = layer_probabilities(space, result)
   if probabilities:
     path = os.path.join(workdir, 'theta.png')
     plot_theta(path, probabilities, space.op_names, result.get('ops'),

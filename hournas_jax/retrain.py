@@ -97,8 +97,12 @@ def _all_finite(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+_COMPILED = {}
+
+
 class Retrainer:
-  """Compiled init-free training and evaluation of one fixed architecture."""
+  """Compiled training and evaluation of one fixed architecture (initialised without
+  compiling, by `SuperNet.init_all`)."""
 
   def __init__(self, space: spaces.SearchSpace, ops: Sequence[str], tcfg, *, image_shape,
                steps_per_epoch: int, total_steps: int, mesh, seed: int):
@@ -116,10 +120,16 @@ class Retrainer:
     self.tx = make_optimizer(tcfg, self.schedule)
     self.ema_decay = float(tcfg.ema_decay)
     self.label_smoothing = float(tcfg.label_smoothing)
-    repl = mesh_lib.replicated(mesh)
-    self.train_step = jax.jit(self._train_step, out_shardings=repl, donate_argnums=0)
-    self._eval_step = jax.jit(self._eval_sums, out_shardings=repl)
-    self.all_finite = jax.jit(_all_finite, out_shardings=repl)
+    # Compiled steps are shared by every Retrainer of the same network, recipe and mesh in this
+    # process (e.g. 'eval' right after training, or a second run), so each compiles once.
+    key = (self.net, tuple(sorted(tcfg.to_dict().items())), self.total_steps,
+           self.steps_per_epoch, self.seed, mesh)
+    if key not in _COMPILED:
+      repl = mesh_lib.replicated(mesh)
+      _COMPILED[key] = (jax.jit(self._train_step, out_shardings=repl, donate_argnums=0),
+                        jax.jit(self._eval_sums, out_shardings=repl),
+                        jax.jit(_all_finite, out_shardings=repl))
+    self.train_step, self._eval_step, self.all_finite = _COMPILED[key]
 
   # ----- state
 
@@ -223,13 +233,16 @@ def total_steps(tcfg, steps_per_epoch: int) -> int:
   return max(1, int(round(tcfg.epochs * steps_per_epoch)))
 
 
-def model_meta(setup, ops, total: int, phase: str) -> dict:
+def model_meta(setup, ops, total: int, phase: str, steps_per_epoch: int) -> dict:
   """What a saved model needs besides its arrays to be rebuilt and evaluated."""
   space = setup.space
   return {'kind': 'retrain', 'phase': phase, 'space': space.name, 'width': space.width,
           'resolution': space.resolution, 'num_classes': space.num_classes,
-          'space_ops': list(space.op_names), 'image_shape': list(setup.image_shape), 'dataset': setup.dataset,
-          'ops': list(ops), 'total_steps': int(total), 'train': config_train_dict(setup)}
+          'space_ops': list(space.op_names), 'image_shape': list(setup.image_shape),
+          'dataset': setup.dataset,
+          'ops': list(ops), 'total_steps': int(total), 'steps_per_epoch': int(steps_per_epoch),
+          'seed': int(setup.config.seed),
+          'train': config_train_dict(setup)}
 
 
 def config_train_dict(setup) -> dict:
@@ -275,7 +288,7 @@ def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train'
   trainer = Retrainer(setup.space, ops, tcfg, image_shape=setup.image_shape,
                       steps_per_epoch=steps_per_epoch, total_steps=total, mesh=setup.mesh,
                       seed=config.seed)
-  meta = model_meta(setup, ops, total, phase)
+  meta = model_meta(setup, ops, total, phase, steps_per_epoch)
   ckpt = checkpoint.Checkpointer(paths.checkpoints, keep=config.keep_checkpoints)
   try:
     latest = ckpt.latest_step()
@@ -381,8 +394,9 @@ def load_model(config, setup, run_dir: str, phase: str = 'train'):
       tcfg = ml_collections.ConfigDict(meta['train'])
       holder['trainer'] = Retrainer(
           space, meta['ops'], tcfg, image_shape=tuple(meta['image_shape']),
-          steps_per_epoch=1, total_steps=int(meta['total_steps']), mesh=setup.mesh,
-          seed=config.seed)
+          steps_per_epoch=int(meta.get('steps_per_epoch', 1)),
+          total_steps=int(meta['total_steps']), mesh=setup.mesh,
+          seed=int(meta.get('seed', config.seed)))
       holder['meta'] = meta
       return holder['trainer'].abstract_state()
 

@@ -149,6 +149,14 @@ def validate_config(config) -> None:
   _check(config.keep_checkpoints >= 1, 'config.keep_checkpoints must be >= 1')
 
 
+def configure_jax(config) -> None:
+  if config.xla_fast_compile:
+    jax.config.update('jax_disable_most_optimizations', True)
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(config.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
 def resolve_setup(config, workdir: str) -> Setup:
   data_dir = config.data_dir or None
   info = data.dataset_info(config.dataset, data_dir)
@@ -182,6 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Runs config.mode in workdir; returns a summary dict (also what was written to disk)."""
   validate_config(config)
   mesh_lib.maybe_initialize_distributed(config.multi_host)
+  configure_jax(config)
   workdir = checkpoint.prepare_workdir(workdir)
   setup = resolve_setup(config, workdir)
   write_config(setup)

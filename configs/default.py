@@ -1,0 +1,112 @@
+"""Shared defaults of every HourNAS config; the other files in configs/ start from these.
+
+Run:  python main.py --config=configs/fbnet.py --workdir=/tmp/run [--config.FIELD=VALUE ...]
+The config is locked: overriding a field that does not exist is an error.
+
+Schema (every field, with its meaning):
+  mode                  'search' (search, write arch.json/summary.txt/plots, then retrain if
+                        retrain_after_search), 'train' (train train.arch from scratch) or
+                        'eval' (evaluate the trained model saved in the workdir).
+  seed                  seeds initialisation, sampling and the data order.
+  space, width          search space (fbnet, fbnet_enlarged, mnasnet, efficientnet,
+                        fbnet_shallow) and its channel multiplier.
+  ops                   a subset of the space's candidate ops, comma-separated ('' = all).
+  dataset, data_dir     imagenet2012 | cifar10 | digits; TFDS data_dir ('' = TFDS default).
+  image_size, channels  input resolution and channels (0 = the dataset's default).
+  targets.params/flops  resource targets T_i (0.0 = no target on that resource).
+  search.*              the search (see below); passed to hournas_jax.search.Searcher.
+  retrain_after_search  search mode: retrain the found architecture right after the search.
+  random_baseline       also retrain a random architecture of the same budget the same way.
+  train.*               the retraining recipe (see below).
+  checkpoint_every_steps, keep_checkpoints, log_every_steps, tensorboard, proposal_samples,
+  xla_fast_compile, compilation_cache_dir, multi_host   see the comments below.
+"""
+
+import ml_collections
+
+
+def get_search_config() -> ml_collections.ConfigDict:
+  """The paper's search settings (Section 4.1)."""
+  s = ml_collections.ConfigDict()
+  s.vital_epochs = 1.0       # E_vital: epochs over D_tr (80% of the train split) in stage 1
+  s.nonvital_epochs = 1.0    # E_n-vital: epochs in stage 2
+  s.vital_steps = 0          # > 0 overrides vital_epochs with a number of weight steps
+  s.nonvital_steps = 0       # > 0 overrides nonvital_epochs
+  s.batch_size = 256         # global batch of D_tr and D_val
+  s.num_proposals = 8        # m
+  s.proposal_iterations = 300  # I_sp: Adam steps that fit the space proposals to the targets
+  s.tau0 = 5.0               # Gumbel temperature, from 5.0 ...
+  s.tau_decay = 0.9999       # ... times 0.9999 every iteration (FBNet's schedule)
+  s.weight_lr = 0.1          # SuperNet weights: momentum SGD
+  s.momentum = 0.9
+  s.weight_decay = 4e-5
+  s.arch_lr = 0.01           # theta, Theta, pi: Adam
+  s.alpha = 1.0              # slope of the resource term (Eqn 6)
+  s.vital_priority = True    # fix the vital blocks to their highest-probability ops
+  s.sampler = 'gumbel_max'   # 'gumbel_max' (single path) | 'gumbel_softmax' (FBNet ablation)
+  s.val_every = 0            # weight steps per architecture step; 0 = from the 80/20 split (4)
+  return s
+
+
+def get_train_config() -> ml_collections.ConfigDict:
+  """Retraining recipe; defaults are FBNet's (the space configs set their baseline's)."""
+  t = ml_collections.ConfigDict()
+  t.arch = ''                # '' = the workdir's searched arch.json; a preset name
+                             # (hournas_a, ...); a JSON path; or comma-separated ops
+  t.epochs = 360.0
+  t.steps = 0                # > 0 overrides epochs with a number of steps
+  t.batch_size = 1024
+  t.eval_batch_size = 1000
+  t.eval_every_steps = 0     # 0 = evaluate at the end only
+  t.optimizer = 'sgd'        # 'sgd' | 'rmsprop'
+  t.learning_rate = 0.1      # per 256 images when lr_scaling == 'linear'
+  t.lr_scaling = 'linear'    # 'linear' (x batch_size / 256) | 'none'
+  t.schedule = 'cosine'      # 'cosine' | 'exponential' | 'constant'
+  t.warmup_epochs = 0.0
+  t.decay_rate = 0.97        # exponential: x decay_rate every decay_epochs (staircase)
+  t.decay_epochs = 2.4
+  t.momentum = 0.9
+  t.nesterov = False
+  t.rmsprop_decay = 0.9
+  t.rmsprop_epsilon = 1e-3
+  t.weight_decay = 4e-5      # L2 on conv/dense kernels
+  t.label_smoothing = 0.1
+  t.ema_decay = 0.0          # > 0: evaluate an exponential moving average of the weights
+  t.dropout_rate = 0.0       # before the classifier
+  return t
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = 'search'
+  config.seed = 0
+
+  config.space = 'fbnet'
+  config.width = 1.0
+  config.ops = ''              # comma-separated subset of the space's candidate ops ('' = all)
+
+  config.dataset = 'imagenet2012'
+  config.data_dir = ''
+  config.image_size = 0
+  config.channels = 0
+
+  config.targets = ml_collections.ConfigDict()
+  config.targets.params = 4.8e6
+  config.targets.flops = 300e6
+
+  config.search = get_search_config()
+  config.retrain_after_search = True
+  config.random_baseline = False
+  config.train = get_train_config()
+
+  config.checkpoint_every_steps = 1000  # and at every stage boundary / the end of a phase
+  config.keep_checkpoints = 2           # complete checkpoints kept per phase
+  config.log_every_steps = 100          # progress line + TensorBoard scalars
+  config.tensorboard = True             # event files under <workdir>/tensorboard/<phase>
+  config.proposal_samples = 2000        # architectures drawn for the Figure-3 scatter
+  config.xla_fast_compile = False      # jax_disable_most_optimizations: compiles several
+                                        # times faster; for tiny CPU runs (quickstart, tests)
+  config.compilation_cache_dir = ''     # persistent XLA compilation cache ('' = off)
+  config.multi_host = False             # call jax.distributed.initialize() (also done when
+                                        # JAX_COORDINATOR_ADDRESS is set)
+  return config
