@@ -78,8 +78,8 @@ class Progress:
     name = f'{self.phase}/{stage}' if stage else self.phase
     pct = 100.0 * step / self.total if self.total else 100.0
     parts = [f'[{name}] step {step}/{self.total} ({pct:.0f}%)', f'{ips:.0f} img/s']
-    for key, label in (('loss', 'loss'), ('accuracy', 'acc'), ('tau', 'tau'),
-                       ('learning_rate', 'lr')):
+    for key, label in (('loss', 'loss'), ('accuracy', 'acc'), ('val_loss', 'val loss'),
+                       ('tau', 'tau'), ('learning_rate', 'lr'), ('lr', 'lr')):
       if key in metrics:
         parts.append(f'{label} {_fmt(metrics[key])}')
     parts.append(f'ETA {format_duration(eta)}')

@@ -253,7 +253,12 @@ def fingerprint(config, setup, ops) -> dict:
   """The fields a retraining run's results depend on (checked when a workdir is reused)."""
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed), 'ops': list(ops),
-          **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items()) if k != 'arch'}}
+          **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items())
+             if k not in _NOT_IN_FINGERPRINT}}
+
+
+# Fields that do not change what training computes: a rerun may change them.
+_NOT_IN_FINGERPRINT = ('arch', 'eval_batch_size', 'eval_every_steps')
 
 
 def eval_batches(setup, batch_size: int):

@@ -236,8 +236,9 @@ def resolve_architecture(setup: Setup) -> list[str]:
 
 def random_architecture(space: spaces.SearchSpace, targets, ops: Sequence[str], seed: int,
                         tolerance: float = 0.05, samples: int = 20000):
-  """A uniformly random architecture with the same budget: within `tolerance` of each target
-  (of the given architecture's cost where a target is 0), else the closest of `samples`.
+  """A uniformly random architecture with the same budget: the first of `samples` uniform draws
+  within `tolerance` of every target that is set (of the given architecture's params and FLOPs
+  when none is), else the closest draw.
 
   Returns (ops, budget {'params': ..., 'flops': ...}).
   """
@@ -346,6 +347,9 @@ def run_search(setup: Setup) -> dict:
   return _write_search_result(setup, searcher, state)
 
 
+_LATEST = ('tau', 'lr')  # metrics shown as their latest value, not averaged
+
+
 def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
   config = setup.config
   s = config.search
@@ -362,7 +366,7 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
   val_batches = None  # created on first use: a stage may never take a D_val step
   step = int(counters['step'])
   progress = logging_utils.Progress('search', total, step, s.batch_size)
-  sums, count = {}, 0
+  sums, counts = {}, {}  # averaged over the steps since the last progress line
   with logging_utils.SummaryWriter(os.path.join(setup.workdir, 'tensorboard', 'search'),
                                    enabled=config.tensorboard) as writer:
     while True:
@@ -384,24 +388,24 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
         raise SearchError(f'search: the loss became non-finite at step {step} ({stage} '
                           f'stage); stopped, {kept}; try a lower config.search.weight_lr')
       for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'tau':
-          sums[key] = sums.get(key, 0.0) + float(value)
-      count += 1
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          if key in _LATEST:
+            sums[key], counts[key] = float(value), 1
+          else:
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
       new_stage = searcher.stage(state)
       if step % config.log_every_steps == 0 or new_stage != stage:
-        shown = {k: v / count for k, v in sums.items()}
-        if 'tau' in metrics:
-          shown['tau'] = float(metrics['tau'])
+        shown = {k: v / counts[k] for k, v in sums.items()}
         rates = progress.line(step, shown, stage)
         writer.scalars(step, {**{f'search/{k}': v for k, v in shown.items()},
                               'search/images_per_sec': rates['images_per_sec']})
-        sums, count = {}, 0
+        sums, counts = {}, {}
       if new_stage != stage or step % config.checkpoint_every_steps == 0:
         ckpt.save(step, state)
         last_good = step
       if new_stage != stage:
-        meta = state.get('meta', {}) if isinstance(state, dict) else {}
-        vital_ops = meta.get('vital_ops') if isinstance(meta, dict) else None
+        vital_ops = state['meta'].get('vital_ops') if stage == 'vital' else None
         logging_utils.info(f'[search] {stage} stage done at step {step}'
                            + (f'; vital ops: {vital_ops}' if vital_ops else ''))
   return state

@@ -17,18 +17,21 @@ import numpy as np
 import optax
 import pytest
 
-from hournas_jax import checkpoint
+from configs import quickstart
+from hournas_jax import checkpoint, spaces, train
+from spaces_for_tests import TOY_TABLE
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 # Shared by every test that runs main.py in a subprocess: XLA's persistent compilation cache
 # (keyed by the program, so never stale) saves most of the compile time of the later runs.
 XLA_CACHE = os.path.join(tempfile.gettempdir(), 'hournas_jax_test_xla_cache')
 
-# A search that is as small as it gets: 12 SuperBlocks of 2-3 ops at width 0.25, 3 + 3 steps.
+# A search that is as small as it gets: the 5 SuperBlocks of tests/spaces_for_tests.py's toy
+# space (registered by TOY_MAIN), 3 + 3 steps with architecture steps.
 TINY_SEARCH = [
     '--config=configs/quickstart.py',
-    '--config.ops=k3e1,k3e3,skip',
-    '--config.targets.params=85e3', '--config.targets.flops=130e3',
+    '--config.space=toy', '--config.width=1.0', '--config.ops=',
+    '--config.targets.params=7e3', '--config.targets.flops=90e3',
     '--config.search.vital_steps=3', '--config.search.nonvital_steps=3',
     '--config.search.batch_size=8', '--config.search.val_every=2',
     '--config.proposal_samples=100', '--config.log_every_steps=1',
@@ -37,11 +40,37 @@ TINY_SEARCH = [
 ]
 
 
-def run_main(args, workdir, timeout=300, prefix=None):
+# main.py with the toy space registered; SLOW also slows every search step down, so that the
+# test can kill the run mid-way.
+TOY_MAIN = textwrap.dedent('''
+    import runpy, sys, time
+    sys.path.insert(0, 'tests')
+    from spaces_for_tests import TOY_TABLE
+    from hournas_jax import search, spaces
+    spaces.SPACE_TABLES['toy'] = TOY_TABLE
+    if sys.argv[1] == 'SLOW':
+      del sys.argv[1]
+      step = search.Searcher.train_step
+      def slow_step(self, *args, **kwargs):
+        time.sleep(0.3)
+        return step(self, *args, **kwargs)
+      search.Searcher.train_step = slow_step
+    sys.argv = ['main.py'] + sys.argv[1:]
+    runpy.run_path('main.py', run_name='__main__')
+''')
+
+
+def start_main(args, workdir, slow=False, **kwargs):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  command = [sys.executable, 'main.py'] if prefix is None else [sys.executable, '-c', prefix]
-  return subprocess.run(command + list(args) + [f'--workdir={workdir}'], cwd=REPO_ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.Popen([sys.executable, '-c', TOY_MAIN] + (['SLOW'] if slow else [])
+                          + list(args) + [f'--workdir={workdir}'], cwd=REPO_ROOT, env=env,
+                          text=True, **kwargs)
+
+
+def run_main(args, workdir, timeout=300):
+  process = start_main(args, workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  stdout, stderr = process.communicate(timeout=timeout)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def finalized_steps(directory):
@@ -181,32 +210,15 @@ def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tmp_path):
 # --------------------------------------------------------------------------------------------
 # A search killed with SIGKILL and restarted with the same command.
 
-# Runs main.py with every search step slowed down, so the test can kill it mid-run.
-SLOW_MAIN = textwrap.dedent('''
-    import runpy, sys, time
-    from hournas_jax import search
-    step = search.Searcher.train_step
-    def slow_step(self, *args, **kwargs):
-      time.sleep(0.3)
-      return step(self, *args, **kwargs)
-    search.Searcher.train_step = slow_step
-    sys.argv = ['main.py'] + sys.argv[1:]
-    runpy.run_path('main.py', run_name='__main__')
-''')
-
-
-def test_search_killed_and_restarted_ends_as_uninterrupted_run(tmp_path):
+def test_search_killed_and_restarted_ends_as_uninterrupted_run(tmp_path, monkeypatch):
   args = TINY_SEARCH + ['--config.retrain_after_search=false']
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
   # The uninterrupted reference runs alongside the run that gets killed (2 cores).
-  reference = subprocess.Popen(
-      [sys.executable, 'main.py'] + args + [f'--workdir={tmp_path / "reference"}'],
-      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  reference = start_main(args, tmp_path / 'reference', stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
   workdir = tmp_path / 'killed'
   checkpoints = workdir / 'search' / 'checkpoints'
-  process = subprocess.Popen(
-      [sys.executable, '-c', SLOW_MAIN] + args + [f'--workdir={workdir}'], cwd=REPO_ROOT,
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = start_main(args, workdir, slow=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
     while not finalized_steps(checkpoints) and process.poll() is None:
@@ -237,9 +249,21 @@ def test_search_killed_and_restarted_ends_as_uninterrupted_run(tmp_path):
     if path.is_file():
       path.write_bytes(b'garbage')
   (workdir / 'arch.json').unlink()
-  corrupt = run_main(args, workdir)
-  assert corrupt.returncode == 1
-  lines = corrupt.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: checkpoint ') and 'Traceback' not in (
-      corrupt.stderr)
-  assert last.is_dir()
+  monkeypatch.setitem(spaces.SPACE_TABLES, 'toy', TOY_TABLE)
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.train_and_evaluate(tiny_search_config(), str(workdir))
+  assert str(last) in str(error.value) and '\n' not in str(error.value)
+  assert isinstance(error.value, train.user_errors())
+  assert last.is_dir() and not (workdir / 'arch.json').exists()
+
+
+def tiny_search_config():
+  """TINY_SEARCH as a config, for in-process calls on the same workdir."""
+  config = quickstart.get_config()
+  config.space, config.width, config.ops = 'toy', 1.0, ''
+  config.targets.params, config.targets.flops = 7e3, 90e3
+  config.search.update(dict(vital_steps=3, nonvital_steps=3, batch_size=8, val_every=2))
+  config.proposal_samples, config.log_every_steps = 100, 1
+  config.checkpoint_every_steps, config.keep_checkpoints = 2, 10
+  config.retrain_after_search = False
+  return config
