@@ -3,8 +3,8 @@
     python main.py --config=configs/fbnet.py --workdir=/tmp/hournas_fbnet
     python main.py --config=configs/fbnet.py:b --workdir=/tmp/hournas_b          # HourNAS-B
     python main.py --config=configs/quickstart.py --workdir=/tmp/quickstart      # offline demo
-    python main.py --config=configs/fbnet.py --workdir=/tmp/run \
-        --config.mode=train --config.train.arch=hournas_a
+    python main.py --config=configs/fbnet.py --workdir=/tmp/run --config.mode=train \\
+        --config.train.arch=hournas_a
 
 Any config field can be overridden with --config.FIELD=VALUE (see configs/default.py for the
 schema); the config is locked, so a misspelt field is an error. Restarting a stopped run with

@@ -106,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.proposal_samples = 2000        # architectures drawn for the Figure-3 scatter
   config.xla_fast_compile = False      # jax_disable_most_optimizations: compiles several
                                         # times faster; for tiny CPU runs (quickstart, tests)
-  config.compilation_cache_dir = ''     # persistent XLA compilation cache ('' = off)
+  config.compilation_cache_dir = '~/.cache/hournas_jax/xla'  # persistent XLA compilation
+                                        # cache: reruns and resumes skip compiles ('' = off)
   config.multi_host = False             # call jax.distributed.initialize() (also done when
                                         # JAX_COORDINATOR_ADDRESS is set)
   return config

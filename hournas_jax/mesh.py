@@ -63,8 +63,8 @@ def replicate(tree, mesh: Mesh):
   def put(x):
     if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-      x = np.asarray(x)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)  # a replicated value: any local copy is the whole of it
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from hournas_jax import checkpoint

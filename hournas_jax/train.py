@@ -153,7 +153,8 @@ def configure_jax(config) -> None:
   if config.xla_fast_compile:
     jax.config.update('jax_disable_most_optimizations', True)
   if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.abspath(config.compilation_cache_dir))
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.abspath(os.path.expanduser(config.compilation_cache_dir)))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 

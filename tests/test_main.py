@@ -2,7 +2,6 @@
 under TFDS's mock ImageNet. (The digits run end to end, search included, is in
 test_multidevice.py, where the same run on 1 and 4 devices is compared.)"""
 
-import json
 import os
 import pathlib
 import subprocess
@@ -171,3 +170,25 @@ def test_train_and_eval_on_mock_imagenet(tmp_path):
   assert summary['train']['examples'] == 10 and summary['train']['steps'] == 3
   assert evaluated['train']['top1'] == pytest.approx(summary['train']['top1'])
   assert evaluated['train']['ops'] == TOY_OPS.split(',')
+
+
+def test_non_finite_search_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  from hournas_jax import search  # pylint: disable=g-import-not-at-top
+
+  def fake_step(self, state, tr_batch, val_batch=None):
+    """Counts the step like the real one; its loss turns NaN at the third step."""
+    counters = {**state['counters']}
+    counters['step'] += 1
+    counters['tr_step'] += 1
+    loss = float('nan') if counters['step'] >= 3 else 2.3
+    return {**state, 'counters': counters}, {'loss': loss, 'accuracy': 0.1, 'tau': 5.0}
+
+  monkeypatch.setattr(search.Searcher, 'train_step', fake_step)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.SearchError) as error:
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  message = str(error.value)
+  assert 'non-finite at step 3' in message and 'last good checkpoint (step 2)' in message
+  assert '\n' not in message and isinstance(error.value, train.user_errors())
+  assert sorted(os.listdir(workdir / 'search' / 'checkpoints')) == ['2']
+  assert not (workdir / 'arch.json').exists()

@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from configs import default, quickstart
 from hournas_jax import arch as arch_lib
-from hournas_jax import costs, data, retrain, spaces, train
+from hournas_jax import costs, retrain, spaces, train
 from spaces_for_tests import TOY_TABLE
 
 OPS = 'k3e1,k3e3,k3e1,k3e3,k3e1'  # an architecture of tests/spaces_for_tests.py's toy space
