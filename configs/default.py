@@ -10,8 +10,11 @@ Schema (every field, with its meaning):
   seed                  seeds initialisation, sampling and the data order.
   space, width          search space (fbnet, fbnet_enlarged, mnasnet, efficientnet,
                         fbnet_shallow) and its channel multiplier.
+  stem_stride           2 (the papers') or 1 (as CIFAR versions of these networks, for
+                        inputs of 32 px or less, where stride 2 leaves most layers at 2x2).
   ops                   a subset of the space's candidate ops, comma-separated ('' = all).
-  dataset, data_dir     imagenet2012 | cifar10 | digits; TFDS data_dir ('' = TFDS default).
+  dataset, data_dir     imagenet2012 | cifar10 | digits | cluttered_digits; TFDS data_dir
+                        ('' = TFDS default).
   image_size, channels  input resolution and channels (0 = the dataset's default).
   targets.params/flops  resource targets T_i (0.0 = no target on that resource).
   search.*              the search (see below); passed to hournas_jax.search.Searcher.
@@ -42,9 +45,21 @@ def get_search_config() -> ml_collections.ConfigDict:
   s.weight_decay = 4e-5
   s.arch_lr = 0.01           # theta, Theta, pi: Adam
   s.alpha = 1.0              # slope of the resource term (Eqn 6)
-  s.vital_priority = True    # fix the vital blocks to their highest-probability ops
+  s.vital_priority = True    # search the vital blocks first and fix their most probable ops
+                             # (the joint choice that keeps the targets reachable)
   s.sampler = 'gumbel_max'   # 'gumbel_max' (single path) | 'gumbel_softmax' (FBNet ablation)
-  s.val_every = 0            # weight steps per architecture step; 0 = from the 80/20 split (4)
+  s.schedule = 'interleaved'  # when architecture steps come (Algorithm 1): 'interleaved' = one
+                             # D_val step after every val_every D_tr weight steps; 'epoch' =
+                             # as the paper writes it: each epoch a full pass of weight steps
+                             # over D_tr, then a full pass of architecture steps over D_val
+  s.val_every = 0            # interleaved: weight steps per architecture step; 0 = from the
+                             # 80/20 split (4)
+  s.temperature = 'logits'   # where tau acts: 'logits' = samples from softmax(theta / tau);
+                             # 'relaxed' = FBNet's literal reading: samples argmax(theta + g)
+                             # at any tau, tau only in the straight-through softmax((theta+g)/tau)
+  s.weight_sharing = 'none'  # 'none': each candidate owns its weights (the paper) | 'nested':
+                             # a layer's candidates share kernels (centre / first channels of
+                             # the largest), as superkernel and once-for-all SuperNets
   return s
 
 
@@ -84,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.space = 'fbnet'
   config.width = 1.0
   config.ops = ''              # comma-separated subset of the space's candidate ops ('' = all)
+  config.stem_stride = 2       # 1 keeps small inputs at full resolution through the first stage
 
   config.dataset = 'imagenet2012'
   config.data_dir = ''

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hournas_jax import checkpoint, costs, spaces, vital
+from hournas_jax import checkpoint, costs, proposals, spaces, vital
 
 
 def _pyplot():
@@ -100,7 +100,13 @@ def layer_probabilities(space: spaces.SearchSpace, result: Mapping) -> dict:
   probs = dict(result.get('probabilities') or {})
   theta_vital = result.get('theta_vital')
   if theta_vital is not None:
-    for name, row in zip(vital.vital_layers(space), np.asarray(theta_vital, dtype=float)):
+    rows = np.asarray(theta_vital, dtype=float)
+    # theta_vital has a row per vital layer the search chose (the supernet-fixed ones are not
+    # searched); results from before supernet_fixed have one for every vital layer.
+    names = [n for n in vital.vital_layers(space) if n not in space.supernet_fixed]
+    if len(rows) != len(names):
+      names = list(vital.vital_layers(space))
+    for name, row in zip(names, rows):
       if name in probs:
         continue
       allowed = [j for j, op in enumerate(space.op_names) if op in space.layer(name).ops]
@@ -119,6 +125,7 @@ def summary_text(space: spaces.SearchSpace, result: Mapping) -> str:
   ops_map = result['ops']
   ops = [ops_map[name] for name in space.searchable_names]
   vital_set = set(result.get('vital_ops') or ())
+  fixed_set = set(result.get('fixed_ops') or ())  # held at one op by the SuperNet
   probabilities = layer_probabilities(space, result)
   rows = costs.layer_costs(space, ops)
   lines = [f'HourNAS search result: space {space.name} (width {space.width}, resolution '
@@ -127,11 +134,12 @@ def summary_text(space: spaces.SearchSpace, result: Mapping) -> str:
            f'{"params":>10} {"FLOPs":>12} {"p(op)":>6}  vital']
   for row in rows:
     p = probabilities.get(row['layer'], {}).get(row['op'])
+    mark = 'yes' if row['layer'] in vital_set else 'fixed' if row['layer'] in fixed_set else ''
     lines.append(f'{row["layer"]:<11} {row["op"]:<8} {row["in_channels"]:>5} '
                  f'{row["out_channels"]:>5} {row["stride"]:>2} {row["resolution"]:>4} '
                  f'{row["params"]:>10,} {row["flops"]:>12,} '
                  f'{"" if p is None else f"{p:.2f}":>6}  '
-                 f'{"yes" if row["layer"] in vital_set else ""}')
+                 f'{mark}')
   params = sum(r['params'] for r in rows)
   flops = sum(r['flops'] for r in rows)
   lines += ['', f'total: {_millions(params)} params, {_millions(flops)} FLOPs (multiply-adds)']
@@ -139,7 +147,10 @@ def summary_text(space: spaces.SearchSpace, result: Mapping) -> str:
   for key, value in ((('params', params)), ('flops', flops)):
     target = targets.get(key)
     if target:
-      lines.append(f'target {key}: {_millions(target)} ({100 * (value - target) / target:+.1f}%)')
+      deviation = (value - target) / target
+      off = (f'  ** more than {100 * proposals.TOLERANCE:.0f}% off the target **'
+             if abs(deviation) > proposals.TOLERANCE else '')
+      lines.append(f'target {key}: {_millions(target)} (deviation {100 * deviation:+.1f}%){off}')
   pi = result.get('pi')
   if pi is not None:
     lines.append('pi: ' + ' '.join(f'{float(x):.3f}' for x in np.asarray(pi).reshape(-1)))

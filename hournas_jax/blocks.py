@@ -8,9 +8,11 @@ ceil(H / s), as the cost tables assume.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,11 +38,102 @@ def _bn(train: bool, name=None):
                       name=name)
 
 
+def depthwise_shifted(x, kernel, stride: int):
+  """A depthwise k x k conv (SAME padding by k // 2) as k * k shifted multiply-adds.
+
+  Equal to `lax.conv_general_dilated` with feature_group_count = channels, but on XLA:CPU its
+  forward and backward are 5-20x faster (a depthwise conv's gradient takes a slow generic path
+  there; measured in docs/cpu-performance.md), and everything here is elementwise.
+  x [N, H, W, C], kernel [k, k, 1, C].
+  """
+  k = kernel.shape[0]
+  pad = k // 2
+  n, h, w, c = x.shape
+  out_h, out_w = -(-h // stride), -(-w // stride)
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      window = jax.lax.slice(padded, (0, i, j, 0),
+                             (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                             (1, stride, stride, 1))
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+DEPTHWISE_IMPLS = ('auto', 'conv', 'shift')
+_depthwise_default = ['auto']
+
+
+@contextlib.contextmanager
+def depthwise_implementation(impl: str):
+  """Within the block, convs traced with depthwise_impl='auto' use `impl`. For analyses that
+  need XLA's own convolution (its cost analysis skips padding taps; shifted multiply-adds
+  count every tap); the numbers computed are the same either way."""
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+  _depthwise_default.append(impl)
+  try:
+    yield
+  finally:
+    _depthwise_default.pop()
+
+
+def resolve_depthwise(impl: str) -> str:
+  """'auto' is 'shift' on the CPU and 'conv' (cuDNN, the TPU's conv units) elsewhere."""
+  if impl == 'auto':
+    impl = _depthwise_default[-1]
+  if impl == 'auto':
+    return 'shift' if jax.default_backend() == 'cpu' else 'conv'
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+  return impl
+
+
+class Conv(nn.Module):
+  """A k x k conv with PyTorch-style padding (k // 2 on each side), HWIO kernel.
+
+  Named `Conv` with `kernel`/`bias` parameters, so variables are laid out exactly as
+  `flax.linen.Conv`'s (Conv_0, Conv_1, ...). Depthwise convs run as shifted multiply-adds
+  where that is faster (see `depthwise_shifted`).
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  groups: int = 1
+  use_bias: bool = False
+  depthwise_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    kernel = self.param('kernel', _conv_init,
+                        (self.kernel, self.kernel, cin // self.groups, self.features))
+    y = conv2d(x, kernel, self.stride, self.groups, self.depthwise_impl)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return y
+
+
+def conv2d(x, kernel, stride: int = 1, groups: int = 1, depthwise_impl: str = 'auto'):
+  """x [N, H, W, C] conv kernel [k, k, C / groups, O], padding k // 2 on each side."""
+  kernel = kernel.astype(x.dtype)
+  k, cin, features = kernel.shape[0], x.shape[-1], kernel.shape[-1]
+  if k == 1 and stride == 1 and groups == 1:
+    # A matmul over the channels: the same numbers, and 3-4x faster than XLA:CPU's 1x1 conv
+    # (forward and backward); on accelerators both lower to the same matrix units.
+    return jnp.einsum('...c,cd->...d', x, kernel[0, 0])
+  if groups == cin == features and k > 1 and resolve_depthwise(depthwise_impl) == 'shift':
+    return depthwise_shifted(x, kernel, stride)
+  pad = k // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
 def _conv(features, kernel, stride=1, groups=1, bias=False, name=None):
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=bias,
-                 kernel_init=_conv_init, name=name)
+  return Conv(features, kernel, stride, groups, bias, name=name)
 
 
 def channel_shuffle(x, groups: int):
@@ -92,21 +185,95 @@ class InvertedResidual(nn.Module):
   act: str
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, kernels=None):
+    """kernels: None, or the layer's shared kernels (`SharedKernels`): this op then runs on
+    their nested slices (`nested_kernels`) and only owns its BatchNorms and SE."""
     act = activation(self.act)
     mid = self.in_channels * self.expansion
-    h = act(_bn(train)(_conv(mid, 1, groups=self.groups)(x)))
+    if kernels is None:
+      expand = lambda h: _conv(mid, 1, groups=self.groups)(h)
+      depthwise = lambda h: _conv(mid, self.kernel, self.stride, groups=mid)(h)
+      project = lambda h: _conv(self.out_channels, 1, groups=self.groups)(h)
+    else:
+      if self.groups > 1:
+        raise ValueError('grouped ops keep their own weights; they cannot share kernels')
+      sliced = nested_kernels(kernels, self.kernel, mid)
+      expand = lambda h: conv2d(h, sliced['expand'])
+      depthwise = lambda h: conv2d(h, sliced['depthwise'], self.stride, groups=mid)
+      project = lambda h: conv2d(h, sliced['project'])
+    h = act(_bn(train)(expand(x)))
     if self.groups > 1:
       h = channel_shuffle(h, self.groups)
-    h = act(_bn(train)(_conv(mid, self.kernel, self.stride, groups=mid)(h)))
+    h = act(_bn(train)(depthwise(h)))
     if self.se_channels:
       s = jnp.mean(h, axis=(1, 2), keepdims=True)
       s = act(_conv(self.se_channels, 1, bias=True)(s))
       h = h * nn.sigmoid(_conv(mid, 1, bias=True)(s))
-    h = _bn(train)(_conv(self.out_channels, 1, groups=self.groups)(h))
+    h = _bn(train)(project(h))
     if self.stride == 1 and self.in_channels == self.out_channels:
       h = h + x
     return h
+
+
+class _Kernel(nn.Module):
+  """One conv kernel as a parameter named 'kernel' (so `initial_value` knows its rule)."""
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', _conv_init, self.shape)
+
+
+class SharedKernels(nn.Module):
+  """The conv kernels a layer's candidates share (weight sharing, search.weight_sharing).
+
+  One inverted residual at the layer's largest kernel and expansion; a candidate (k, e) uses
+  the centre k x k of the depthwise kernel and the first in_channels * e channels of all three
+  (`nested_kernels`), as superkernel and once-for-all SuperNets do, so every candidate of the
+  layer computes features that mean the same thing to the next layer.
+  """
+  in_channels: int
+  out_channels: int
+  kernel: int
+  expansion: int
+
+  @nn.compact
+  def __call__(self):
+    mid = self.in_channels * self.expansion
+    return {'expand': _Kernel((1, 1, self.in_channels, mid), name='expand')(),
+            'depthwise': _Kernel((self.kernel, self.kernel, 1, mid), name='depthwise')(),
+            'project': _Kernel((1, 1, mid, self.out_channels), name='project')()}
+
+
+def nested_kernels(kernels, kernel: int, mid: int):
+  """The slices of `SharedKernels` that a candidate with kernel size `kernel` and `mid`
+  expanded channels uses: the centre of the depthwise kernel, the first `mid` channels."""
+  full = kernels['depthwise'].shape[0]
+  start = (full - kernel) // 2
+  return {'expand': kernels['expand'][..., :mid],
+          'depthwise': kernels['depthwise'][start:start + kernel, start:start + kernel, :, :mid],
+          'project': kernels['project'][:, :, :mid, :]}
+
+
+def shares_kernels(op: spaces.OpSpec) -> bool:
+  """Ops that take part in weight sharing: ungrouped inverted residuals (a grouped 1x1 conv
+  is not a slice of a dense one, so g2 ops keep their own weights)."""
+  return op.kind == 'ir' and op.groups == 1
+
+
+def shared_kernels(space: spaces.SearchSpace, layer: spaces.LayerSpec, ops: tuple[str, ...],
+                   name: str | None = None) -> SharedKernels | None:
+  """The `SharedKernels` of a layer holding `ops`, or None when none of them shares.
+
+  Sized by every candidate the space allows in the layer, not only those held: a vital layer
+  fixed to one op after stage 1 keeps the kernels stage 1 trained, at their shape.
+  """
+  if not any(shares_kernels(space.ops[o]) for o in ops):
+    return None
+  sharing = [space.ops[o] for o in layer.ops if shares_kernels(space.ops[o])]
+  return SharedKernels(layer.in_channels, layer.out_channels,
+                       max(o.kernel for o in sharing), max(o.expansion for o in sharing),
+                       name=name)
 
 
 class Skip(nn.Module):

@@ -26,6 +26,16 @@ def sgd_update(direction: optax.GradientTransformation, params, opt_state, grads
   return params, opt_state
 
 
+def sgd_update_parts(direction, params, opt_state, grads, lr):
+  """`sgd_update` of every part of a {key: tree} dict (a candidate's op and shared kernels),
+  each with its own optimizer state, as `init_candidate_states` lays them out."""
+  new_params, new_state = {}, {}
+  for key in params:
+    new_params[key], new_state[key] = sgd_update(direction, params[key], opt_state[key],
+                                                 grads[key], lr)
+  return new_params, new_state
+
+
 def candidate_state_shapes(direction, params):
   """The structure of `init_candidate_states` as jax.ShapeDtypeStruct leaves."""
   return jax.eval_shape(lambda params: {layer: {op: direction.init(p) for op, p in ops.items()}

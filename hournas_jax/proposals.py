@@ -13,13 +13,14 @@ Pieces:
 - optimize_proposals: m proposals in one jitted loop (vmap over proposals, scan over steps,
   Adam), tau = tau0 * decay**step; returns the thetas and the final tau to sample them at.
 - sample_two_level / sample_architectures: pi, then theta; two_level_straight_through: the same
-  with gradients to pi and Theta, for stage 2.
+  with gradients to pi and Theta, for stage 2 (two_level_relaxed: its Gumbel-softmax ablation).
 - restrict_tables: fixes layers (the vital ones after stage 1) and folds their cost into the
   offset; reachable_range / check_targets: refuse targets no architecture reaches.
 
 Resources are stacked in the order of `CostTables.stacked()`: index 0 params, index 1 FLOPs.
 Everything but the CLI and the numpy helpers is pure and jittable. Temperatures follow
-`sampling.py`: samples come from softmax(theta / tau), so lowering tau sharpens them.
+`sampling.py`: samples come from softmax(theta / tau), so lowering tau sharpens them (the
+search's 'relaxed' reading samples at tau = 1 instead).
 
 CLI:
     python -m hournas_jax.proposals --space fbnet --params 4.8e6 --flops 300e6 --proposals 8
@@ -296,18 +297,35 @@ def sample_architectures(key, thetas, pi_logits, tau, mask, n):
   return sample_two_level(key, thetas, pi_logits, tau, mask, n)[1]
 
 
-def two_level_straight_through(key, thetas, pi_logits, tau, mask, pi_tau=1.0):
+def two_level_straight_through(key, thetas, pi_logits, tau, mask, pi_tau=1.0,
+                               tau_mode='logits'):
   """One two-level sample with gradients for stage 2 of the search.
 
   Returns (proposal k, op indices [L], a [L, O]), with a = sum_k s_k * A_k: s the
   straight-through one-hot over proposals, A_k an ST sample of every proposal. Its value is
   A_k of the chosen k; a loss on `a` sends gradients to the chosen theta (only, since s is 0
   elsewhere) and to pi through s, so pi and Theta are optimised together as in Eqn 6.
+  `tau_mode`: where tau acts on the architecture sample (`sampling.py`).
+  """
+  pi_key, arch_key = jax.random.split(key)
+  chosen, s = sampling.gumbel_max(pi_key, pi_logits, pi_tau, tau_mode=tau_mode)
+  # Every proposal's sample, [m, L] and [m, L, O].
+  indices, a_all = sampling.gumbel_max(arch_key, thetas, tau, mask, tau_mode)
+  return chosen, indices[chosen], jnp.einsum('m,mlo->lo', s, a_all)
+
+
+def two_level_relaxed(key, thetas, pi_logits, tau, mask, pi_tau=1.0):
+  """`two_level_straight_through` for the Gumbel-softmax ablation: a proposal by a
+  straight-through Gumbel-Max sample s over pi, and FBNet's relaxed weights
+  softmax((theta_k + g) / tau) of every proposal.
+
+  Returns (proposal k, weights [L, O] = sum_k s_k * W_k): the chosen proposal's relaxed weights
+  in value, with gradients to that proposal's theta and, through s, to pi.
   """
   pi_key, arch_key = jax.random.split(key)
   chosen, s = sampling.gumbel_max(pi_key, pi_logits, pi_tau)
-  indices, a_all = sampling.gumbel_max(arch_key, thetas, tau, mask)  # [m, L], [m, L, O]
-  return chosen, indices[chosen], jnp.einsum('m,mlo->lo', s, a_all)
+  weights = sampling.gumbel_softmax(arch_key, thetas, tau, mask)  # [m, L, O]
+  return chosen, jnp.einsum('m,mlo->lo', s, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,8 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_proposals=8,
         seed=0, iterations=DEFAULT_ITERATIONS, tau_decay=DEFAULT_TAU_DECAY, samples=10000,
         fixed: Mapping[int, int] | None = None, plot: str | None = None) -> dict:
-  """Optimises and evaluates proposals; returns the summary the CLI prints."""
-  fixed = dict(fixed or {})
+  """Optimises and evaluates proposals; returns the summary the CLI prints.
+
+  The space's supernet-fixed layers (EfficientNet's layer1_1) are fixed as the search fixes
+  them, unless `fixed` names them.
+  """
+  fixed = {**{space.searchable_names.index(layer): space.op_names.index(op)
+              for layer, op in space.supernet_fixed.items()}, **dict(fixed or {})}
   if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
     raise ProposalError(f'cannot write the plot {plot!r}: its folder does not exist')
   table = costs.cost_tables(space)

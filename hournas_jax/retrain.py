@@ -120,15 +120,18 @@ class Retrainer:
     self.ema_decay = float(tcfg.ema_decay)
     self.label_smoothing = float(tcfg.label_smoothing)
     # Compiled steps are shared by every Retrainer of the same network, recipe and mesh in this
-    # process (e.g. 'eval' right after training, or a second run), so each compiles once.
+    # process (e.g. 'eval' right after training, a second run, the training seeds of one
+    # architecture in a population), so each compiles once; the seed is an argument.
     key = (self.net, tuple(sorted(tcfg.to_dict().items())), self.total_steps,
-           self.steps_per_epoch, self.seed, mesh)
+           self.steps_per_epoch, mesh)
     if key not in _COMPILED:
       repl = mesh_lib.replicated(mesh)
       _COMPILED[key] = (jax.jit(self._train_step, out_shardings=repl, donate_argnums=0),
                         jax.jit(self._eval_sums, out_shardings=repl),
                         jax.jit(_all_finite, out_shardings=repl))
-    self.train_step, self._eval_step, self.all_finite = _COMPILED[key]
+    compiled_step, self._eval_step, self.all_finite = _COMPILED[key]
+    seed_array = jnp.asarray(self.seed, jnp.uint32)
+    self.train_step = lambda state, batch: compiled_step(state, batch, seed_array)
 
   # ----- state
 
@@ -154,9 +157,9 @@ class Retrainer:
 
   # ----- steps
 
-  def _train_step(self, state, batch):
+  def _train_step(self, state, batch, seed):
     step = state['step']
-    rng = jax.random.fold_in(jax.random.key(self.seed), step)
+    rng = jax.random.fold_in(jax.random.key(seed), step)
 
     def loss_fn(params):
       logits, updated = self.net.apply(
@@ -237,6 +240,7 @@ def model_meta(setup, ops, total: int, phase: str, steps_per_epoch: int) -> dict
   space = setup.space
   return {'kind': 'retrain', 'phase': phase, 'space': space.name, 'width': space.width,
           'resolution': space.resolution, 'num_classes': space.num_classes,
+          'stem_stride': space.stem_stride,
           'space_ops': list(space.op_names), 'image_shape': list(setup.image_shape),
           'dataset': setup.dataset,
           'ops': list(ops), 'total_steps': int(total), 'steps_per_epoch': int(steps_per_epoch),
@@ -251,6 +255,7 @@ def config_train_dict(setup) -> dict:
 def fingerprint(config, setup, ops) -> dict:
   """The fields a retraining run's results depend on (checked when a workdir is reused)."""
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
+          'stem_stride': setup.space.stem_stride,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed), 'ops': list(ops),
           **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items())
              if k not in _NOT_IN_FINGERPRINT}}
@@ -393,7 +398,8 @@ def load_model(config, setup, run_dir: str, phase: str = 'train'):
         raise checkpoint.CheckpointError(f'{paths.checkpoints} does not hold a trained model')
       space = spaces.get_space(meta['space'], resolution=int(meta['resolution']),
                                num_classes=int(meta['num_classes']), width=float(meta['width']),
-                               ops=tuple(meta['space_ops']))
+                               ops=tuple(meta['space_ops']),
+                               stem_stride=int(meta.get('stem_stride', 2)))
       import ml_collections  # pylint: disable=g-import-not-at-top
       tcfg = ml_collections.ConfigDict(meta['train'])
       holder['trainer'] = Retrainer(

@@ -1,26 +1,44 @@
 """The HourNAS search (Algorithm 1): vital blocks first, then the rest through space proposals.
 
 Stage 'vital': the minimal SuperNet S_vital (vital SuperBlocks only) trains its weights on D_tr
-with paths sampled from theta_vital by Gumbel-Max, and every `val_every` weight steps theta_vital
-takes an Adam step on a D_val batch. At the end each vital block is fixed to its most probable
-op.
+with paths sampled from theta_vital by Gumbel-Max, and theta_vital takes Adam steps on D_val
+batches. At the end the vital blocks are fixed to their most probable joint choice (the highest
+sum of log softmax(theta) over the vital layers) that leaves every target within reach of the
+other layers: the per-layer argmax, unless that one would strand a target.
 Stage 'nonvital': m space proposals Theta are optimised for the targets on the cost tables of
 the remaining layers (seconds, `proposals.py`); pi over proposals starts uniform. Each step
 samples a proposal from pi and an architecture from it (Appendix C); weights train on D_tr, and
 pi and Theta update on D_val with cross-entropy + alpha * the resource term (Eqn 6). The result
 takes the proposal with the highest pi and each layer's most probable op.
 
+Schedule (`search.schedule`): 'interleaved' takes one D_val architecture step after every
+`val_every` D_tr weight steps; 'epoch' is Algorithm 1 as written: each epoch, a full pass of
+weight steps over D_tr, then a full pass of architecture steps over D_val. Either way a stage's
+length is its number of weight steps (vital_steps / nonvital_steps); with 'epoch' the stage ends
+after the architecture pass that follows its last weight pass, a partial last epoch getting a
+proportional pass (at least one step). One `train_step` is one iteration, and tau decays once
+an iteration. `batches_needed` tells the caller which batches the next iteration takes.
+
+Temperature (`search.temperature`): 'logits' samples from softmax(theta / tau); 'relaxed'
+samples argmax(theta + g) and lets tau act only in the straight-through relaxation (see
+`sampling.py`).
+
+Layers of the space's `supernet_fixed` (EfficientNet's layer1_1, Table 14) keep their op from
+the start: they are neither vital blocks to search nor layers of the proposals, and their cost
+joins the fixed offset like the vital ops'.
+
 Ablations are configuration: `vital_priority=False` searches every layer in one 'nonvital' stage
 (HourNAS-G/H); `sampler='gumbel_softmax'` runs every candidate weighted by FBNet's relaxed
 weights instead of one sampled path (HourNAS-I); `num_proposals` is m.
 
 The whole state is a pytree of arrays (plus `meta`, JSON-able), so the driver checkpoints and
-resumes it at any step; every random draw is keyed by (seed, step), so a resumed run is the
-uninterrupted one.
+resumes it at any step; every random draw is keyed by (seed, step), and which batches a step
+takes follows from the counters, so a resumed run is the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Mapping
 
@@ -29,11 +47,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hournas_jax import (arch as arch_lib, costs, proposals, sampling, singlepath, spaces,
-                         supernet, vital, wholenet)
+from hournas_jax import (arch as arch_lib, costs, logging_utils, proposals, sampling,
+                         singlepath, spaces, supernet, vital, wholenet)
 
 STAGES = ('vital', 'nonvital', 'done')
+# 'none': every candidate owns its weights (the paper, FBNet); 'nested': a layer's candidates
+# share kernels, smaller ones being slices of the largest (blocks.SharedKernels).
+WEIGHT_SHARING = ('none', 'nested')
+SCHEDULES = ('interleaved', 'epoch')
+TEMPERATURES = sampling.TAU_MODES
 _COUNTERS = ('step', 'tr_step', 'val_step', 'stage_step')
+# The exact search over the vital blocks' joint choices scores at most this many at once.
+_CHOICE_CHUNK = 2 ** 20
 
 
 class SearchError(ValueError):
@@ -44,11 +69,67 @@ def _cosine(base_lr, step, total):
   return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
+                          chunk: int = _CHOICE_CHUNK):
+  """The joint choice of a few layers' ops with the highest total log-probability that keeps
+  every active target within reach of the rest of the network; None when no choice does.
+
+  log_probs: [V, O], -inf where an op is not allowed; layer_costs: [R, V, O]; low, high: [R],
+  the range of everything else (fixed layers and the layers still to search); targets, active:
+  [R]. A choice with summed cost c [R] keeps target i within reach when
+  low_i + c_i <= T_i <= high_i + c_i. Feasibility depends on the summed costs alone, so every
+  joint choice is scored exactly (vectorised numpy, `chunk` at a time): the paper's spaces have
+  at most 6 vital layers of 13 ops, 13**6 ~ 4.8M choices. Ties go to the lowest op indices.
+  Returns op indices [V] (a tuple of ints) or None.
+  """
+  log_probs = np.asarray(log_probs, np.float64)
+  active = np.asarray(active, bool)
+  layer_costs = np.asarray(layer_costs, np.float64)[active]
+  targets = np.asarray(targets, np.float64)[active]
+  need_low = targets - np.asarray(high, np.float64)[active]  # c >= T - high
+  need_high = targets - np.asarray(low, np.float64)[active]  # c <= T - low
+  allowed = [np.flatnonzero(np.isfinite(row)) for row in log_probs]
+  # The trailing layers are enumerated as arrays, the leading ones in a Python loop.
+  split, size = len(allowed), 1
+  while split > 0 and size * len(allowed[split - 1]) <= chunk:
+    split -= 1
+    size *= len(allowed[split])
+  inner_score = np.zeros(1)
+  inner_cost = np.zeros((len(targets), 1))
+  for l in range(split, len(allowed)):
+    ops = allowed[l]
+    inner_score = (inner_score[:, None] + log_probs[l, ops][None, :]).reshape(-1)
+    inner_cost = (inner_cost[:, :, None] + layer_costs[:, l, ops][:, None, :]).reshape(
+        len(targets), -1)
+  inner_shape = [len(a) for a in allowed[split:]]
+  best, best_score = None, -np.inf
+  for outer in itertools.product(*allowed[:split]):
+    score = sum(log_probs[l, o] for l, o in enumerate(outer)) + inner_score
+    cost = sum((layer_costs[:, l, o] for l, o in enumerate(outer)),
+               np.zeros(len(targets)))[:, None] + inner_cost
+    ok = np.all((cost >= need_low[:, None]) & (cost <= need_high[:, None]), axis=0)
+    if not ok.any():
+      continue
+    score = np.where(ok, score, -np.inf)
+    k = int(np.argmax(score))
+    if score[k] > best_score:
+      inner = np.unravel_index(k, inner_shape) if inner_shape else ()
+      best_score = score[k]
+      best = tuple(int(o) for o in outer) + tuple(
+          int(allowed[split + j][i]) for j, i in enumerate(inner))
+  return best
+
+
 class Searcher:
-  """Runs Algorithm 1 one step at a time; the caller owns data, checkpoints and logging."""
+  """Runs Algorithm 1 one iteration at a time; the caller owns data, checkpoints and logging.
+
+  The driver asks `batches_needed(state)` before each `train_step`, and gives a D_tr batch for a
+  weight step and a D_val batch for an architecture step. With the 'epoch' schedule the Searcher
+  must know the steps per epoch of D_tr and D_val.
+  """
 
   def __init__(self, space: spaces.SearchSpace, cfg, targets, image_shape, vital_steps: int,
-               nonvital_steps: int):
+               nonvital_steps: int, tr_steps_per_epoch: int = 0, val_steps_per_epoch: int = 0):
     self.space = space
     self.cfg = cfg
     self.image_shape = tuple(image_shape)
@@ -58,45 +139,87 @@ class Searcher:
     if cfg.sampler not in ('gumbel_max', 'gumbel_softmax'):
       raise SearchError(f"search.sampler must be 'gumbel_max' or 'gumbel_softmax', got "
                         f'{cfg.sampler!r}')
+    if cfg.get('weight_sharing', 'none') not in WEIGHT_SHARING:
+      raise SearchError(f'search.weight_sharing must be one of {", ".join(WEIGHT_SHARING)}, '
+                        f'got {cfg.weight_sharing!r}')
+    self.weight_sharing = cfg.get('weight_sharing', 'none') == 'nested'
+    self.schedule = cfg.get('schedule', 'interleaved')
+    if self.schedule not in SCHEDULES:
+      raise SearchError(f'search.schedule must be one of {", ".join(SCHEDULES)}, got '
+                        f'{self.schedule!r}')
+    self.tau_mode = cfg.get('temperature', 'logits')
+    if self.tau_mode not in TEMPERATURES:
+      raise SearchError(f'search.temperature must be one of {", ".join(TEMPERATURES)}, got '
+                        f'{self.tau_mode!r}')
+    self.steps_per_epoch = (int(tr_steps_per_epoch), int(val_steps_per_epoch))
+    if self.schedule == 'epoch' and min(self.steps_per_epoch) < 1:
+      raise SearchError(f"search.schedule 'epoch' needs at least one step per epoch of D_tr and "
+                        f'of D_val, got {self.steps_per_epoch[0]} and {self.steps_per_epoch[1]}')
     if int(cfg.num_proposals) < 1:
       raise SearchError(f'search.num_proposals must be >= 1, got {cfg.num_proposals}')
     self.val_every = int(cfg.val_every) or 4  # 80/20 split: one D_val batch per 4 D_tr batches
     self.tables = costs.cost_tables(space)
     self.mask = space.op_mask()
-    self.vital_names = vital.vital_layers(space)
+    self.fixed_ops = dict(space.supernet_fixed)
+    self.vital_names = tuple(n for n in vital.vital_layers(space) if n not in self.fixed_ops)
     self.vital_rows = [space.searchable_names.index(n) for n in self.vital_names]
     target_values = [float(targets.params or 0.0), float(targets.flops or 0.0)]
     self.active = np.array([t > 0 for t in target_values])
     if not self.active.any():
       raise SearchError('set at least one of targets.params and targets.flops (> 0)')
     self.targets = np.array(target_values)
-    # Refuse impossible targets before any training: the vital stage may still narrow the
-    # range, which the proposals check again when they are built.
-    free, tables, mask, offset = proposals.restrict_tables(self.tables)
+    # Refuse impossible targets before any training.
+    free, tables, mask, offset = proposals.restrict_tables(self.tables, self._fixed_indices({}))
     proposals.check_targets(tables, mask, offset, self.targets, self.active, space.name)
     self.maxima = proposals.space_maxima(tables, mask, offset)
+    # What the layers searched after the vital stage (and the fixed ones) can add to the vital
+    # blocks' cost: the vital choice must keep the targets inside it.
+    others = np.array([l not in self.vital_rows for l in free], bool)
+    self._others_range = proposals.reachable_range(tables[:, others], mask[others], offset)
+    if self.vital_priority and self.vital_names:
+      allowed = np.where(self.mask[self.vital_rows], 0.0, -np.inf)
+      if self._reachable_vital_choice(allowed) is None:
+        shown = ', '.join(f'{name} {t / 1e6:.3f}M' for name, t, on in
+                          zip(('params', 'FLOPs'), self.targets, self.active) if on)
+        raise SearchError(f'no choice of the vital blocks ({", ".join(self.vital_names)}) of '
+                          f'space {space.name} leaves the targets ({shown}) within reach of the '
+                          'other layers, so the vital stage could not end; change the targets '
+                          'or set search.vital_priority=False')
     self._engines = {}
     self._arch_tx = optax.adam(float(cfg.arch_lr))
 
   # ------------------------------------------------------------------------------------------
   # Networks of each stage.
 
+  def _frozen(self, meta) -> dict:
+    """{layer: op} of the searchable layers held at one op in the current stage."""
+    if meta['stage'] == 'vital':
+      return dict(self.fixed_ops)
+    return {**self.fixed_ops, **(meta.get('vital_ops') or {})}
+
+  def _fixed_indices(self, vital_ops: Mapping[str, str]) -> dict:
+    """{searchable layer index: op index} of the supernet-fixed layers and `vital_ops`."""
+    fixed = {**self.fixed_ops, **vital_ops}
+    return {self.space.searchable_names.index(n): self.space.op_names.index(op)
+            for n, op in fixed.items()}
+
   def choice_layers(self, meta) -> tuple[str, ...]:
     """The layers whose op is sampled in the current stage, in network order."""
     if meta['stage'] == 'vital':
       return self.vital_names
-    fixed = meta.get('vital_ops') or {}
-    return tuple(n for n in self.space.searchable_names if n not in fixed)
+    frozen = self._frozen(meta)
+    return tuple(n for n in self.space.searchable_names if n not in frozen)
 
   def _layer_ops(self, meta):
     if meta['stage'] == 'vital':
-      return supernet.layer_ops(self.space, vital_only=True)
-    return supernet.layer_ops(self.space, frozen=meta.get('vital_ops') or {})
+      return supernet.layer_ops(self.space, frozen=self.fixed_ops, vital_only=True)
+    return supernet.layer_ops(self.space, frozen=self._frozen(meta))
 
   def engine(self, meta):
     ops = self._layer_ops(meta)
     if ops not in self._engines:
-      kwargs = dict(momentum=float(self.cfg.momentum), weight_decay=float(self.cfg.weight_decay))
+      kwargs = dict(momentum=float(self.cfg.momentum), weight_decay=float(self.cfg.weight_decay),
+                    weight_sharing=self.weight_sharing)
       cls = (wholenet.WholeNetEngine if self.cfg.sampler == 'gumbel_softmax'
              else singlepath.SinglePathEngine)
       self._engines[ops] = cls(self.space, ops, **kwargs)
@@ -130,21 +253,91 @@ class Searcher:
     return state['meta']['stage']
 
   def tau(self, state):
+    """The temperature of the schedule at the state's iteration."""
     return sampling.temperature(int(state['counters']['step']), float(self.cfg.tau0),
                                 float(self.cfg.tau_decay))
-
-  def needs_val(self, state) -> bool:
-    return (int(state['counters']['tr_step']) + 1) % self.val_every == 0
 
   def _key(self, state, purpose: int):
     key = jax.random.wrap_key_data(jnp.asarray(state['key']))
     return jax.random.fold_in(jax.random.fold_in(key, int(state['counters']['step'])), purpose)
 
+  # ------------------------------------------------------------------------------------------
+  # Schedule.
+
+  def _partial_val_steps(self, weight_steps: int) -> int:
+    """Architecture steps after a partial epoch of `weight_steps`: the same share of D_val."""
+    tr, val = self.steps_per_epoch
+    return max(1, round(weight_steps * val / tr))
+
+  def stage_iterations(self, stage: str) -> int:
+    """Iterations (calls of `train_step`) of a stage."""
+    weight_steps = self.stage_steps[stage]
+    if self.schedule == 'interleaved' or weight_steps == 0:
+      return weight_steps
+    tr, val = self.steps_per_epoch
+    full, rest = divmod(weight_steps, tr)
+    return full * (tr + val) + (rest + self._partial_val_steps(rest) if rest else 0)
+
+  @property
+  def total_steps(self) -> int:
+    """Iterations of the whole search."""
+    return sum(self.stage_iterations(s) for s in ('vital', 'nonvital'))
+
+  def _position(self, stage: str, counters) -> tuple[bool, bool, int]:
+    """(takes a D_tr batch, takes a D_val batch, weight steps taken so far in the stage) of the
+    iteration the counters point at."""
+    i = int(counters['stage_step'])
+    if self.schedule == 'interleaved':
+      return True, (int(counters['tr_step']) + 1) % self.val_every == 0, i
+    tr, val = self.steps_per_epoch
+    full = self.stage_steps[stage] // tr
+    epoch, j = divmod(i, tr + val)
+    weight_steps = tr
+    if epoch >= full:  # the partial last epoch
+      epoch, j = full, i - full * (tr + val)
+      weight_steps = self.stage_steps[stage] - full * tr
+    weight_step = j < weight_steps
+    return weight_step, not weight_step, epoch * tr + min(j, weight_steps)
+
+  def batches_needed(self, state) -> tuple[bool, bool]:
+    """(needs a D_tr batch, needs a D_val batch) for the next `train_step`."""
+    stage = state['meta']['stage']
+    if stage == 'done':
+      return False, False
+    return self._position(stage, state['counters'])[:2]
+
+  # ------------------------------------------------------------------------------------------
+  # Stage boundaries.
+
+  def _reachable_vital_choice(self, log_probs):
+    return best_reachable_choice(log_probs, self.tables.stacked()[:, self.vital_rows],
+                                 *self._others_range, self.targets, self.active)
+
+  def _vital_choice(self, theta) -> dict:
+    """{vital layer: op}: the most probable joint choice that keeps the targets reachable."""
+    logits = np.where(self.mask[self.vital_rows], np.asarray(theta, np.float64), -np.inf)
+    top = logits.max(axis=-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    per_layer = tuple(int(i) for i in np.argmax(logits, axis=-1))
+    rows = np.arange(len(per_layer))
+    cost = self.tables.stacked()[:, self.vital_rows][:, rows, list(per_layer)].sum(axis=-1)
+    low, high = self._others_range
+    keeps = np.all(((low + cost <= self.targets) & (self.targets <= high + cost))
+                   | ~self.active)
+    choice = per_layer if keeps else self._reachable_vital_choice(log_probs)
+    if choice is None:  # refused in __init__; a guard against a changed cost table
+      raise SearchError('no choice of the vital blocks leaves the targets within reach')
+    name = lambda idx: {n: self.space.op_names[i] for n, i in zip(self.vital_names, idx)}
+    if choice != per_layer:
+      logging_utils.info(f'[search] the most probable vital ops per layer {name(per_layer)} '
+                         f'would leave the targets out of reach; fixed the most probable choice '
+                         f'that keeps them reachable: {name(choice)}')
+    return name(choice)
+
   def _start_nonvital(self, state, meta) -> dict:
     """Builds the space proposals for the layers left after the vital stage."""
-    fixed = {self.space.searchable_names.index(n): self.space.op_names.index(op)
-             for n, op in meta['vital_ops'].items()}
-    free, tables, mask, offset = proposals.restrict_tables(self.tables, fixed)
+    free, tables, mask, offset = proposals.restrict_tables(
+        self.tables, self._fixed_indices(meta['vital_ops']))
     try:
       proposals.check_targets(tables, mask, offset, self.targets, self.active, self.space.name)
     except proposals.ProposalError as e:
@@ -154,17 +347,21 @@ class Searcher:
         key, tables, mask, offset, self.targets, self.maxima, self.active,
         num_proposals=int(self.cfg.num_proposals),
         iterations=int(self.cfg.proposal_iterations) or proposals.DEFAULT_ITERATIONS)
-    # The proposals were fitted so that softmax(theta / final_tau) meets the targets; the search
-    # samples at its own tau, so rescale theta to keep theta / tau, and with it the fitted
-    # distribution, as it was at the start of this stage.
-    thetas = thetas * (self.tau(state) / float(final_tau))
+    if self.tau_mode == 'logits':
+      # The proposals were fitted so that softmax(theta / final_tau) meets the targets; the
+      # search samples at its own tau, so rescale theta to keep theta / tau, and with it the
+      # fitted distribution, as it was at the start of this stage.
+      thetas = thetas * (self.tau(state) / float(final_tau))
+    else:
+      # Samples come from softmax(theta) whatever tau is, so the search's tau must not enter;
+      # theta / final_tau is the fitted distribution itself (final_tau is 1 by default).
+      thetas = thetas / float(final_tau)
     arch = {'thetas': thetas, 'pi': jnp.zeros((int(self.cfg.num_proposals),))}
     return {'arch': arch, 'arch_opt': self._arch_tx.init(arch)}
 
   def _stage2_tables(self, meta):
-    fixed = {self.space.searchable_names.index(n): self.space.op_names.index(op)
-             for n, op in meta['vital_ops'].items()}
-    _, tables, mask, offset = proposals.restrict_tables(self.tables, fixed)
+    _, tables, mask, offset = proposals.restrict_tables(
+        self.tables, self._fixed_indices(meta['vital_ops']))
     return (jnp.asarray(tables, jnp.float32), jnp.asarray(mask), jnp.asarray(offset, jnp.float32))
 
   # ------------------------------------------------------------------------------------------
@@ -174,20 +371,22 @@ class Searcher:
     layers = self.choice_layers(meta)
     rows = [self.space.searchable_names.index(n) for n in layers]
     mask = jnp.asarray(self.mask[rows])
+    relaxed_weights = self.cfg.sampler == 'gumbel_softmax'
+    tau_mode = self.tau_mode
     if meta['stage'] == 'vital':
       def sample(arch, key, tau):
-        if self.cfg.sampler == 'gumbel_softmax':
+        if relaxed_weights:
           w = sampling.gumbel_softmax(key, arch['theta'], tau, mask)
           return jnp.argmax(w, -1), w
-        return sampling.gumbel_max(key, arch['theta'], tau, mask)
+        return sampling.gumbel_max(key, arch['theta'], tau, mask, tau_mode)
     else:
       def sample(arch, key, tau):
+        if relaxed_weights:
+          # The proposal goes through a straight-through sample too, so that pi learns.
+          _, w = proposals.two_level_relaxed(key, arch['thetas'], arch['pi'], tau, mask)
+          return jnp.argmax(w, -1), w
         _, idx, a = proposals.two_level_straight_through(key, arch['thetas'], arch['pi'], tau,
-                                                         mask)
-        if self.cfg.sampler == 'gumbel_softmax':
-          w = sampling.gumbel_softmax(jax.random.fold_in(key, 1), arch['thetas'], tau, mask)
-          k = jnp.argmax(arch['pi'] + jax.random.gumbel(key, arch['pi'].shape))
-          return idx, w[k]
+                                                         mask, tau_mode=tau_mode)
         return idx, a
     return layers, sample
 
@@ -231,10 +430,11 @@ class Searcher:
   # ------------------------------------------------------------------------------------------
   # Steps.
 
-  def train_step(self, state, tr_batch, val_batch=None):
-    """One weight step on D_tr, and an architecture step on D_val when `val_batch` is given.
+  def train_step(self, state, tr_batch=None, val_batch=None):
+    """One iteration: a weight step on `tr_batch` (D_tr) and/or an architecture step on
+    `val_batch` (D_val), exactly the batches `batches_needed(state)` asks for.
 
-    Moves to the next stage once the current one has run its steps.
+    Moves to the next stage once the current one has run its iterations.
     """
     meta = state['meta']
     if meta['stage'] == 'done':
@@ -242,20 +442,28 @@ class Searcher:
     # Counters and seed come back from a checkpoint as arrays.
     counters = {k: int(v) for k, v in state['counters'].items()}
     state = {**state, 'counters': counters, 'seed': int(state['seed'])}
+    stage = meta['stage']
+    needs_tr, needs_val, stage_weight_steps = self._position(stage, counters)
+    given = (tr_batch is not None, val_batch is not None)
+    if given != (needs_tr, needs_val):
+      describe = lambda tr, val: ' and '.join(['a D_tr batch'] * tr + ['a D_val batch'] * val)
+      raise SearchError(f'search step {counters["step"]} takes {describe(needs_tr, needs_val)},'
+                        f' got {describe(*given) or "no batch"} (see Searcher.batches_needed)')
     engine = self.engine(meta)
     layers, sample_ops, update = self._jitted(meta)
     tau = self.tau(state)
-    lr = _cosine(float(self.cfg.weight_lr), counters['stage_step'],
-                 self.stage_steps[meta['stage']])
+    out = {'tau': float(tau), 'stage': stage}
 
-    idx, a = sample_ops(state['arch'], self._key(state, 0), tau)
-    weights, metrics = self._weight_step(engine, state['weights'], tr_batch, layers, idx, a, lr)
-    state = {**state, 'weights': weights}
-    counters['tr_step'] += 1
-    out = {'loss': float(metrics['loss']), 'accuracy': float(metrics['accuracy']),
-           'tau': float(tau), 'lr': lr, 'stage': meta['stage']}
+    if needs_tr:
+      lr = _cosine(float(self.cfg.weight_lr), stage_weight_steps, self.stage_steps[stage])
+      idx, a = sample_ops(state['arch'], self._key(state, 0), tau)
+      weights, metrics = self._weight_step(engine, state['weights'], tr_batch, layers, idx, a,
+                                           lr)
+      state = {**state, 'weights': weights}
+      counters['tr_step'] += 1
+      out.update(loss=float(metrics['loss']), accuracy=float(metrics['accuracy']), lr=lr)
 
-    if val_batch is not None:
+    if needs_val:
       key = self._key(state, 1)
       idx, a = sample_ops(state['arch'], key, tau)
       weights, val_metrics, grad_a = self._arch_grads(engine, state['weights'], val_batch,
@@ -269,7 +477,7 @@ class Searcher:
     counters['step'] += 1
     counters['stage_step'] += 1
     state = {**state, 'counters': counters}
-    if counters['stage_step'] >= self.stage_steps[meta['stage']]:
+    if counters['stage_step'] >= self.stage_iterations(stage):
       state = self._advance(state)
     return state, out
 
@@ -291,7 +499,9 @@ class Searcher:
     weights, metrics, gates = engine.arch_grads(weights, batch['image'], batch['label'],
                                                 self._path(layers, idx))
     idx = np.asarray(idx)
-    grad_a = jnp.stack([jax.nn.one_hot(idx[i], num_ops) * gates[n]
+    # The engine has no gate for a layer with a single candidate (an op subset can leave one,
+    # e.g. no skip where the shape changes): its op is not a choice, so its gradient is zero.
+    grad_a = jnp.stack([jax.nn.one_hot(idx[i], num_ops) * gates.get(n, 0.0)
                         for i, n in enumerate(layers)])
     return weights, metrics, grad_a
 
@@ -312,9 +522,7 @@ class Searcher:
     meta = state['meta']
     counters = {**state['counters'], 'stage_step': 0}
     if meta['stage'] == 'vital':
-      best = np.asarray(sampling.argmax_ops(state['arch']['theta'],
-                                            jnp.asarray(self.mask[self.vital_rows])))
-      vital_ops = {n: self.space.op_names[int(i)] for n, i in zip(self.vital_names, best)}
+      vital_ops = self._vital_choice(state['arch']['theta'])
       new_meta = {'stage': 'nonvital', 'vital_ops': vital_ops,
                   'theta_vital': np.asarray(state['arch']['theta']).tolist()}
       weights = self._carry_weights(state['weights'], new_meta, state['seed'])
@@ -326,11 +534,11 @@ class Searcher:
     """Stage-2 weights: the fixed vital ops keep what stage 1 trained; the rest start fresh."""
     fresh = self.engine(meta).init(seed + 1, self.image_shape)
     out = {k: {layer: dict(ops) for layer, ops in fresh[k].items()} for k in fresh}
-    for layer, ops in weights['params'].items():
-      for op in ops:
-        if layer in out['params'] and op in out['params'][layer]:
-          for k in out:
-            out[k][layer][op] = weights[k][layer][op]
+    for k in out:
+      for layer, parts in weights[k].items():
+        for part in parts:  # ops, and 'shared' kernels
+          if part in out[k].get(layer, {}):
+            out[k][layer][part] = weights[k][layer][part]
     return out
 
   # ------------------------------------------------------------------------------------------
@@ -364,7 +572,7 @@ class Searcher:
     k = int(jnp.argmax(state['arch']['pi']))
     best = np.asarray(sampling.argmax_ops(state['arch']['thetas'][k],
                                           jnp.asarray(self.mask[rows])))
-    chosen = dict(meta.get('vital_ops') or {})
+    chosen = self._frozen(meta)
     chosen.update({n: self.space.op_names[int(i)] for n, i in zip(layers, best)})
     return arch_lib.Architecture(self.space.name,
                                  tuple(chosen[n] for n in self.space.searchable_names))
@@ -373,12 +581,18 @@ class Searcher:
     architecture = self.architecture(state)
     params, flops = self.tables.cost(architecture.indices(self.space))
     pi = np.asarray(jax.nn.softmax(state['arch']['pi']))
+    # Relative deviation from each active target: the search does not guarantee the 5%.
+    deviation = {name: (value - float(target)) / float(target)
+                 for name, value, target, on in zip(('params', 'flops'), (params, flops),
+                                                    self.targets, self.active) if on}
     return {
         **architecture.to_dict(self.space),
         'params': params, 'flops': flops,
         'targets': {'params': float(self.targets[0]) if self.active[0] else None,
                     'flops': float(self.targets[1]) if self.active[1] else None},
+        'deviation': deviation,
         'vital_ops': dict(state['meta'].get('vital_ops') or {}),
+        'fixed_ops': dict(self.fixed_ops),
         'theta_vital': state['meta'].get('theta_vital'),
         'pi': pi.tolist(), 'proposal': int(np.argmax(pi)),
         'probabilities': self.probabilities(state),
@@ -392,12 +606,11 @@ class Searcher:
     meta = state['meta']
     layers = self.choice_layers(meta)
     rows = [self.space.searchable_names.index(r) for r in layers]
-    _, tables, _, offset = proposals.restrict_tables(self.tables, {
-        self.space.searchable_names.index(k): self.space.op_names.index(v)
-        for k, v in (meta.get('vital_ops') or {}).items()})
+    _, tables, _, offset = proposals.restrict_tables(
+        self.tables, self._fixed_indices(meta.get('vital_ops') or {}))
     idx = proposals.sample_architectures(
-        self._key(state, 2), state['arch']['thetas'], state['arch']['pi'], self.tau(state),
-        jnp.asarray(self.mask[rows]), n)
+        self._key(state, 2), state['arch']['thetas'], state['arch']['pi'],
+        sampling.sampling_tau(self.tau(state), self.tau_mode), jnp.asarray(self.mask[rows]), n)
     c = proposals.architecture_costs(np.asarray(idx), tables, offset)
     return c[:, 0], c[:, 1]
 

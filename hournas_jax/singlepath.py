@@ -29,54 +29,54 @@ import jax.numpy as jnp
 from hournas_jax import blocks, optim, spaces, supernet
 
 
-def _apply_train(module, params, stats, x):
-  y, updated = module.apply({'params': params, 'batch_stats': stats}, x, train=True,
-                            mutable=['batch_stats'])
-  return y, updated['batch_stats']
+def _apply_train(candidate, params, stats, x):
+  return candidate.apply(params, stats, x, train=True)
 
 
-def _forward(module, params, stats, x):
-  return _apply_train(module, params, stats, x)
+def _forward(candidate, params, stats, x):
+  return _apply_train(candidate, params, stats, x)
 
 
-def _forward_eval(module, params, stats, x):
-  return module.apply({'params': params, 'batch_stats': stats}, x, train=False)
+def _forward_eval(candidate, params, stats, x):
+  return candidate.apply(params, stats, x, train=False)
 
 
-def _backward_update(hyper, module, need_input_grad, params, stats, opt_state, x, gy, lr):
+def _backward_update(hyper, candidate, need_input_grad, params, stats, opt_state, x, gy, lr):
   """d loss / d x and the SGD step of this candidate, recomputing its forward."""
-  f = lambda p, x: _apply_train(module, p, stats, x)[0]
+  f = lambda p, x: _apply_train(candidate, p, stats, x)[0]
   if need_input_grad:
     _, vjp = jax.vjp(f, params, x)
     gp, gx = vjp(gy)
   else:  # the stem: its input is the image, no gradient needed
     _, vjp = jax.vjp(lambda p: f(p, x), params)
     (gp,), gx = vjp(gy), None
-  params, opt_state = optim.sgd_update(optim.weight_direction(*hyper), params, opt_state, gp, lr)
+  params, opt_state = optim.sgd_update_parts(optim.weight_direction(*hyper), params, opt_state,
+                                             gp, lr)
   return gx, params, opt_state
 
 
-def _backward_input(module, params, stats, x, gy):
+def _backward_input(candidate, params, stats, x, gy):
   """d loss / d x only (architecture steps leave the weights alone)."""
-  _, vjp = jax.vjp(lambda x: _apply_train(module, params, stats, x)[0], x)
+  _, vjp = jax.vjp(lambda x: _apply_train(candidate, params, stats, x)[0], x)
   return vjp(gy)[0]
 
 
-def _head(hyper, smoothing, update, module, params, stats, opt_state, x, labels, lr):
+def _head(hyper, smoothing, update, candidate, params, stats, opt_state, x, labels, lr):
   def loss_fn(p, x):
-    logits, new_stats = _apply_train(module, p, stats, x)
+    logits, new_stats = _apply_train(candidate, p, stats, x)
     return optim.cross_entropy(logits, labels, smoothing), (logits, new_stats)
   (loss, (logits, new_stats)), (gp, gx) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(params, x)
   if update:
-    params, opt_state = optim.sgd_update(optim.weight_direction(*hyper), params, opt_state, gp,
-                                         lr)
+    params, opt_state = optim.sgd_update_parts(optim.weight_direction(*hyper), params,
+                                               opt_state, gp, lr)
   metrics = {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
   return metrics, gx, params, opt_state, new_stats
 
 
-# One cache of compiled programs per process, keyed by (block, shapes, hyper-parameters): every
-# engine -- both stages of a search, a test's many engines -- reuses what another compiled.
+# One cache of compiled programs per process, keyed by (candidate, shapes, hyper-parameters):
+# every engine -- both stages of a search, a test's many engines -- reuses what another
+# compiled.
 _fwd = jax.jit(_forward, static_argnums=0)
 _fwd_eval = jax.jit(_forward_eval, static_argnums=0)
 _bwd_update = jax.jit(_backward_update, static_argnums=(0, 1, 2))
@@ -89,25 +89,41 @@ def _gate_grad(gy, y):
   return jnp.vdot(gy, y)
 
 
+def _take(tree, layer, keys):
+  """{key: tree[layer][key]}: the part of a {layer: {op or 'shared': ...}} tree a candidate
+  uses."""
+  return {k: tree[layer][k] for k in keys if k in tree[layer]}
+
+
+def _put(tree, layer, part):
+  """Writes a candidate's part back into a tree copied by `_copy`."""
+  tree[layer].update(part)
+
+
+def _copy(tree):
+  return {k: dict(v) for k, v in tree.items()}
+
+
 class SinglePathEngine:
   """Trains a SuperNet one sampled path at a time.
 
-  State is a plain pytree {'params', 'batch_stats', 'opt_state'}, each {layer: {op: tree}}, so
-  it checkpoints as is and loads into `supernet.SuperNet` for whole-network use.
+  State is a plain pytree {'params', 'batch_stats', 'opt_state'}, each {layer: {op: tree}}
+  (plus {layer: {'shared': ...}} with weight sharing), so it checkpoints as is and loads into
+  `supernet.SuperNet` for whole-network use.
   """
 
   def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
                weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, weight_sharing: bool = False):
     self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops))
+    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing))
     self.chain = self.net.active_layers
     # Layers where a choice is made each step (more than one candidate).
     self.choice_layers = tuple(l.name for l, o in self.chain if len(o) > 1)
     hyper = (float(momentum), float(weight_decay), bool(nesterov))
     self.direction = optim.weight_direction(*hyper)
-    self._modules = {(l.name, op): blocks.make_block(space, l, op)
-                     for l, ops_ in self.chain for op in ops_}
+    self._candidates = {(l.name, op): self.net.candidate(l, op)
+                        for l, ops_ in self.chain for op in ops_}
     self._bwd_update = functools.partial(_bwd_update, hyper)
     smoothing = float(label_smoothing)
     self._head_update = functools.partial(_head_step, hyper, smoothing, True)
@@ -126,33 +142,38 @@ class SinglePathEngine:
   def _run_forward(self, state, images, path):
     """Forward through every layer but the head; returns the chain, inputs and new stats."""
     params, stats = state['params'], state['batch_stats']
-    new_stats = {k: dict(v) for k, v in stats.items()}
+    new_stats = _copy(stats)
     chain = self._path_ops(path)
     inputs, x = [], images
     for name, op in chain[:-1]:
       inputs.append(x)
       if op == 'skip':
         continue
-      x, s = _fwd(self._modules[name, op], params[name][op], stats[name][op], x)
-      new_stats[name][op] = s
+      c = self._candidates[name, op]
+      x, s = _fwd(c, _take(params, name, c.param_keys), _take(stats, name, (op,)), x)
+      _put(new_stats, name, s)
     return chain, inputs, x, new_stats
 
   def train_step(self, state, images, labels, path: Mapping[str, str], lr):
     """One SGD step of the sampled path's weights. Returns (state, metrics)."""
     chain, inputs, x, new_stats = self._run_forward(state, images, path)
-    params = {k: dict(v) for k, v in state['params'].items()}
-    opt = {k: dict(v) for k, v in state['opt_state'].items()}
+    stats = state['batch_stats']
+    params, opt = _copy(state['params']), _copy(state['opt_state'])
     name, op = chain[-1]
-    metrics, gy, params[name][op], opt[name][op], new_stats[name][op] = self._head_update(
-        self._modules[name, op], params[name][op], state['batch_stats'][name][op],
-        opt[name][op], x, labels, lr)
+    c = self._candidates[name, op]
+    metrics, gy, p, o, s = self._head_update(
+        c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+        _take(opt, name, c.param_keys), x, labels, lr)
+    _put(params, name, p), _put(opt, name, o), _put(new_stats, name, s)
     for i in range(len(chain) - 2, -1, -1):
       name, op = chain[i]
       if op == 'skip':
         continue
-      gy, params[name][op], opt[name][op] = self._bwd_update(
-          self._modules[name, op], i > 0, params[name][op], state['batch_stats'][name][op],
-          opt[name][op], inputs[i], gy, lr)
+      c = self._candidates[name, op]
+      gy, p, o = self._bwd_update(
+          c, i > 0, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+          _take(opt, name, c.param_keys), inputs[i], gy, lr)
+      _put(params, name, p), _put(opt, name, o)
     return {'params': params, 'batch_stats': new_stats, 'opt_state': opt}, metrics
 
   def arch_grads(self, state, images, labels, path: Mapping[str, str]):
@@ -162,11 +183,13 @@ class SinglePathEngine:
     mode, as in PyTorch implementations). Returns (state, metrics, {layer: gate gradient}).
     """
     chain, inputs, x, new_stats = self._run_forward(state, images, path)
-    params = state['params']
+    params, stats = state['params'], state['batch_stats']
     name, op = chain[-1]
-    metrics, gy, _, _, new_stats[name][op] = self._head_loss(
-        self._modules[name, op], params[name][op], state['batch_stats'][name][op],
-        state['opt_state'][name][op], x, labels, 0.0)
+    c = self._candidates[name, op]
+    metrics, gy, _, _, s = self._head_loss(
+        c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+        _take(state['opt_state'], name, c.param_keys), x, labels, 0.0)
+    _put(new_stats, name, s)
     outputs = inputs[1:] + [x]
     gates = {}
     first_choice = min((i for i, (n, _) in enumerate(chain) if n in self.choice_layers),
@@ -176,10 +199,42 @@ class SinglePathEngine:
       if name in self.choice_layers:
         gates[name] = _gate_grad(gy, outputs[i])
       if op != 'skip' and i > first_choice:
-        gy = _bwd_input(self._modules[name, op], params[name][op],
-                             state['batch_stats'][name][op], inputs[i], gy)
+        c = self._candidates[name, op]
+        gy = _bwd_input(c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+                        inputs[i], gy)
     state = {**state, 'batch_stats': new_stats}
     return state, metrics, gates
+
+  def recalibrate(self, state, batches, path: Mapping[str, str]):
+    """The state with the path's BatchNorm running statistics set to their average over
+    `batches` (images, training mode), the rest untouched.
+
+    Weights inherited from a SuperNet carry running statistics mixed over every path that
+    trained them; evaluating one path needs its own. In training mode BatchNorm normalises with
+    the batch's statistics, so one forward pass per batch gives every layer's at once: each
+    pass's update new = m * old + (1 - m) * batch is solved for `batch`, then averaged.
+    """
+    params, stats = state['params'], state['batch_stats']
+    momentum = blocks.BN_MOMENTUM
+    sums, count = None, 0
+    for images in batches:
+      batch_stats, x = {}, images
+      for name, op in self._path_ops(path):
+        if op == 'skip':
+          continue
+        c = self._candidates[name, op]
+        old = _take(stats, name, (op,))
+        x, new = _fwd(c, _take(params, name, c.param_keys), old, x)
+        batch_stats[name] = jax.tree.map(lambda n, o: (n - momentum * o) / (1 - momentum),
+                                         new, old)
+      sums = batch_stats if sums is None else jax.tree.map(jnp.add, sums, batch_stats)
+      count += 1
+    if not count:
+      raise ValueError('recalibrate needs at least one batch')
+    new_stats = _copy(stats)
+    for name, part in sums.items():
+      _put(new_stats, name, jax.tree.map(lambda v: v / count, part))
+    return {**state, 'batch_stats': new_stats}
 
   def logits(self, state, images, path: Mapping[str, str]):
     """Inference (running BatchNorm statistics) of a path."""
@@ -187,5 +242,6 @@ class SinglePathEngine:
     x = images
     for name, op in self._path_ops(path):
       if op != 'skip':
-        x = _fwd_eval(self._modules[name, op], params[name][op], stats[name][op], x)
+        c = self._candidates[name, op]
+        x = _fwd_eval(c, _take(params, name, c.param_keys), _take(stats, name, (op,)), x)
     return x

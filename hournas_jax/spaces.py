@@ -13,9 +13,12 @@ come out (see tests/test_costs.py):
   pooling and a fully connected classifier.
 - `skip` is an identity, so it is only a candidate where a layer keeps its input shape; a layer
   that changes shape (stride 2 or more channels) has every op but `skip`.
-- EfficientNet's layer1_1 is searchable: Table 14 prints k3e1se for it in the SuperNet column, but
-  EfficientNet-Max, "the most complex architecture in the space", has k5e6se there (and only
-  with it comes out at 738M FLOPs).
+- EfficientNet's layer1_1 holds every op, so that the space expresses and costs
+  EfficientNet-Max, "the most complex architecture in the space", with k5e6se there (only with
+  it does it come out at 738M FLOPs); but Table 14's SuperNet column fixes it at k3e1se, so the
+  space's `supernet_fixed` tells the search to keep it there: it is neither a vital block to
+  search nor a layer of the proposals (k5e6se there alone would take ~176M of HourNAS-F's 383M
+  FLOPs).
 """
 
 from __future__ import annotations
@@ -72,9 +75,17 @@ class SearchSpace:
   ops: Mapping[str, OpSpec]
   op_names: tuple[str, ...]  # the column order of every cost table and of theta
   layers: tuple[LayerSpec, ...]  # stem, fixed layers, SuperBlocks, head, in order
+  # Searchable layers that the paper's SuperNet holds at one op ({layer: op}): architectures may
+  # take any op there, the search keeps this one (EfficientNet's layer1_1, Table 14).
+  supernet_fixed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def __hash__(self):
-    return hash((self.name, self.resolution, self.num_classes, self.width, self.op_names))
+    return hash((self.name, self.resolution, self.num_classes, self.width, self.op_names,
+                 self.stem_stride))
+
+  @property
+  def stem_stride(self) -> int:
+    return self.layers[0].stride
 
   @property
   def searchable_layers(self) -> tuple[LayerSpec, ...]:
@@ -120,7 +131,8 @@ _EFFICIENTNET_STAGES = ((16, 1, 1), (24, 4, 2), (40, 4, 2), (80, 4, 2), (112, 4,
                         (320, 1, 1))
 
 # Each space: stem channels, fixed layers after the stem, searchable stages (numbered from the
-# first stage), head channels, candidate ops, activation, default classes.
+# first stage), head channels, candidate ops, activation, default classes; optionally
+# supernet_fixed, the searchable layers the search keeps at one op.
 SPACE_TABLES = {
     'fbnet': dict(stem=16, fixed=(), stages=_FBNET_STAGES, head=1984, ops=FBNET_OPS,
                   activation='relu', num_classes=1000),
@@ -130,8 +142,10 @@ SPACE_TABLES = {
     'mnasnet': dict(stem=32, fixed=(('layer1_1', 'sep3', 16, 1),), stages=_MNASNET_STAGES,
                     first_stage=2, head=1280, ops=MNASNET_OPS, activation='relu',
                     num_classes=1000),
+    # Table 14: the SuperNet's layer1_1 is k3e1se; architectures may have any op there.
     'efficientnet': dict(stem=32, fixed=(), stages=_EFFICIENTNET_STAGES, head=1280,
-                         ops=EFFICIENTNET_OPS, activation='swish', num_classes=1000),
+                         ops=EFFICIENTNET_OPS, activation='swish', num_classes=1000,
+                         supernet_fixed={'layer1_1': 'k3e1se'}),
     # The shallow FBNet of Table 6 (sensitivity experiments): 2 SuperBlocks a stage, 100 classes.
     'fbnet_shallow': dict(stem=16, fixed=(),
                           stages=((16, 1, 1), (24, 2, 2), (32, 2, 2), (64, 2, 2), (112, 2, 1),
@@ -155,20 +169,27 @@ def scale_channels(channels: int, width: float, divisor: int = 8) -> int:
 
 
 def get_space(name: str, resolution: int = 224, num_classes: int | None = None,
-              width: float = 1.0, ops: tuple[str, ...] | None = None) -> SearchSpace:
+              width: float = 1.0, ops: tuple[str, ...] | None = None,
+              stem_stride: int | None = None) -> SearchSpace:
   """Builds a space from its table.
 
   Resolution, classes and width shrink it for tests and small data; `ops` keeps a subset of the
-  space's candidate ops (in the table's order), e.g. for a quick search on a CPU.
+  space's candidate ops (in the table's order), e.g. for a quick search on a CPU. stem_stride
+  (default 2) set to 1 keeps small inputs at full resolution through the first stage, as CIFAR
+  versions of these networks do: at 32 px with stride 2, half the layers would see 2x2 or less.
   """
   if name not in SPACE_TABLES:
     raise SpaceError(f'unknown search space {name!r}; allowed: {", ".join(SPACE_NAMES)}')
-  return from_table(name, SPACE_TABLES[name], resolution, num_classes, width, ops)
+  return from_table(name, SPACE_TABLES[name], resolution, num_classes, width, ops, stem_stride)
 
 
 def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: int | None = None,
-               width: float = 1.0, ops: tuple[str, ...] | None = None) -> SearchSpace:
+               width: float = 1.0, ops: tuple[str, ...] | None = None,
+               stem_stride: int | None = None) -> SearchSpace:
   """Builds a space from a table shaped like those of SPACE_TABLES (a new space is new data)."""
+  stem_stride = table.get('stem_stride', 2) if stem_stride is None else stem_stride
+  if stem_stride not in (1, 2):
+    raise SpaceError(f'stem_stride must be 1 or 2, got {stem_stride!r}')
   if (not isinstance(resolution, int) or isinstance(resolution, bool)
       or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
     raise SpaceError(f'resolution must be an integer from {MIN_RESOLUTION} to '
@@ -180,6 +201,7 @@ def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: in
     raise SpaceError(f'width must be a number in (0, 4], got {width!r}')
   width = float(width)
   ch = lambda c: scale_channels(c, width)
+  table_ops = tuple(table['ops'])
   if ops is not None:
     unknown = [o for o in ops if o not in table['ops']]
     if unknown or not [o for o in ops if o != 'skip']:
@@ -194,7 +216,7 @@ def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: in
 
   layers = []
   res = resolution
-  stem = LayerSpec('stem', 3, ch(table['stem']), 2, res, ('conv3',), False)
+  stem = LayerSpec('stem', 3, ch(table['stem']), stem_stride, res, ('conv3',), False)
   layers.append(stem)
   channels, res = stem.out_channels, stem.out_resolution
   for lname, op, out, stride in table['fixed']:
@@ -212,6 +234,16 @@ def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: in
       layers.append(layer)
       channels, res = layer.out_channels, layer.out_resolution
   layers.append(LayerSpec('head', channels, ch(table['head']), 1, res, ('head',), False))
+  searchable = {l.name: l for l in layers if l.searchable}
+  for lname, op in table.get('supernet_fixed', {}).items():
+    if (lname not in searchable or op not in table_ops
+        or (op == 'skip' and not searchable[lname].keeps_shape)):
+      raise SpaceError(f'space {name}: supernet_fixed {lname}={op} must name a searchable '
+                       f'layer and one of its candidate ops')
+  # An op subset without the fixed op leaves that layer searchable among the ops it keeps.
+  supernet_fixed = {l: op for l, op in table.get('supernet_fixed', {}).items()
+                    if op in searchable[l].ops}
   return SearchSpace(name=name, resolution=resolution, num_classes=num_classes, width=width,
                      activation=table['activation'], se_ratio=0.25, ops=ops,
-                     op_names=tuple(table['ops']), layers=tuple(layers))
+                     op_names=tuple(table['ops']), layers=tuple(layers),
+                     supernet_fixed=supernet_fixed)

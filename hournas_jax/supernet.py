@@ -12,6 +12,7 @@ for initialisation, the weighted sum of every candidate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Mapping, Sequence
 
@@ -55,29 +56,90 @@ def fixed_layer_ops(space: spaces.SearchSpace, op_names: Sequence[str]):
   return layer_ops(space, dict(zip(space.searchable_names, op_names)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One op of one layer, as the single-path engine runs it on its own.
+
+  Its variables are the part of its SuperBlock's that the op uses: {op: ...}, plus
+  {'shared': ...} when the layer's candidates share kernels. Hashable by configuration, not by
+  layer name, so same-shaped layers share compiled programs.
+  """
+  op: str
+  block: nn.Module
+  shared: blocks.SharedKernels | None = None
+
+  @property
+  def param_keys(self) -> tuple[str, ...]:
+    return (self.op,) if self.shared is None else ('shared', self.op)
+
+  def apply(self, params, stats, x, train: bool):
+    """(output, new batch_stats {op: ...}) when training, else the output.
+
+    params: {key: tree} for every key of `param_keys`; stats: {op: tree}.
+    """
+    variables = {'params': params[self.op], 'batch_stats': stats.get(self.op, {})}
+    args = [x, train]
+    if self.shared is not None:
+      args.append(self.shared.apply({'params': params['shared']}))
+    if not train:
+      return self.block.apply(variables, *args)
+    y, updated = self.block.apply(variables, *args, mutable=['batch_stats'])
+    return y, {self.op: updated['batch_stats']}
+
+
+def candidate(space: spaces.SearchSpace, layer: spaces.LayerSpec, ops: tuple[str, ...], op: str,
+              weight_sharing: bool = False) -> Candidate:
+  """The Candidate of `op` in `layer` of a SuperNet whose layer holds `ops`."""
+  block = blocks.make_block(space, layer, op)
+  shared = None
+  if weight_sharing and blocks.shares_kernels(space.ops[op]):
+    shared = blocks.shared_kernels(space, layer, ops)
+  return Candidate(op, block, shared)
+
+
 class SuperBlock(nn.Module):
-  """One layer's candidates; variables {op name: block variables}."""
+  """One layer's candidates; variables {op name: block variables}, and {'shared': kernels}
+  when `weight_sharing` (see `blocks.SharedKernels`)."""
   space: spaces.SearchSpace
   layer: spaces.LayerSpec
   ops: tuple[str, ...]
   dropout_rate: float = 0.0
+  weight_sharing: bool = False
 
   def candidate(self, op: str) -> nn.Module:
     return blocks.make_block(self.space, self.layer, op, self.dropout_rate, name=op)
 
+  def _run(self, op: str, x, train: bool, kernels):
+    if kernels is not None and blocks.shares_kernels(self.space.ops[op]):
+      return self.candidate(op)(x, train, kernels)
+    return self.candidate(op)(x, train)
+
   @nn.compact
   def __call__(self, x, op: str | None = None, weights=None, train: bool = True):
+    used = self.ops if op is None else (op,)
+    kernels = None
+    if self.weight_sharing and any(blocks.shares_kernels(self.space.ops[o]) for o in used):
+      kernels = blocks.shared_kernels(self.space, self.layer, self.ops, name='shared')()
     if op is not None:
-      return self.candidate(op)(x, train)
+      return self._run(op, x, train, kernels)
     # Weighted sum of all candidates (weights over self.ops, in order).
-    return sum(weights[i] * self.candidate(o)(x, train) for i, o in enumerate(self.ops))
+    return sum(weights[i] * self._run(o, x, train, kernels) for i, o in enumerate(self.ops))
 
 
 class SuperNet(nn.Module):
-  """The chain of SuperBlocks of `space`, each holding the candidates of `ops` (see layer_ops)."""
+  """The chain of SuperBlocks of `space`, each holding the candidates of `ops` (see layer_ops).
+
+  weight_sharing: the searchable layers' candidates share kernels (`blocks.SharedKernels`)."""
   space: spaces.SearchSpace
   ops: tuple[tuple[str, ...], ...]
   dropout_rate: float = 0.0
+  weight_sharing: bool = False
+
+  @nn.nowrap
+  def candidate(self, layer: spaces.LayerSpec, op: str) -> Candidate:
+    """How the single-path engine runs `op` of `layer` alone."""
+    ops = dict((l.name, o) for l, o in self.active_layers)[layer.name]
+    return candidate(self.space, layer, ops, op, self.weight_sharing and layer.searchable)
 
   @property
   def active_layers(self):
@@ -95,7 +157,8 @@ class SuperNet(nn.Module):
     """
     for layer, ops in self.active_layers:
       block = SuperBlock(self.space, layer, ops,
-                         self.dropout_rate if layer.name == 'head' else 0.0, name=layer.name)
+                         self.dropout_rate if layer.name == 'head' else 0.0,
+                         self.weight_sharing and layer.searchable, name=layer.name)
       if weights is not None and len(ops) > 1:
         x = block(x, weights=weights[layer.name], train=train)
       else:

@@ -110,7 +110,7 @@ def validate_config(config) -> None:
   _check(config.dataset in data.DATASETS, f'config.dataset must be one of '
          f'{", ".join(data.DATASETS)}, got {config.dataset!r}')
   _check(config.image_size >= 0, 'config.image_size must be >= 0 (0 = dataset default)')
-  allowed_channels = (0, 1, 3) if config.dataset == 'digits' else (0, 3)
+  allowed_channels = (0, 1, 3) if config.dataset in data.OFFLINE_DATASETS else (0, 3)
   _check(config.channels in allowed_channels, f'config.channels must be one of '
          f'{allowed_channels} for {config.dataset}, got {config.channels!r}')
   for key in ('params', 'flops'):
@@ -126,6 +126,13 @@ def validate_config(config) -> None:
   _check(s.num_proposals >= 1, 'config.search.num_proposals must be >= 1')
   _check(s.tau0 > 0 and 0 < s.tau_decay <= 1,
          'config.search.tau0 must be > 0 and config.search.tau_decay in (0, 1]')
+  from hournas_jax import search  # pylint: disable=g-import-not-at-top
+  for key, allowed in (('schedule', search.SCHEDULES), ('temperature', search.TEMPERATURES),
+                       ('weight_sharing', search.WEIGHT_SHARING)):
+    _check(s[key] in allowed, f'config.search.{key} must be one of {", ".join(allowed)}, got '
+           f'{s[key]!r}')
+  _check(config.stem_stride in (1, 2), f'config.stem_stride must be 1 or 2, got '
+         f'{config.stem_stride!r}')
   t = config.train
   _check(t.optimizer in retrain.OPTIMIZERS, f'config.train.optimizer must be one of '
          f'{", ".join(retrain.OPTIMIZERS)}, got {t.optimizer!r}')
@@ -165,7 +172,8 @@ def resolve_setup(config, workdir: str) -> Setup:
   channels = config.channels or int(info['image_shape'][2])
   ops = tuple(o.strip() for o in config.ops.split(',') if o.strip()) or None
   space = spaces.get_space(config.space, resolution=image_size,
-                           num_classes=int(info['num_classes']), width=config.width, ops=ops)
+                           num_classes=int(info['num_classes']), width=config.width, ops=ops,
+                           stem_stride=config.stem_stride)
   return Setup(config=config, workdir=workdir, dataset=config.dataset, data_dir=data_dir,
                image_size=image_size, channels=channels, num_classes=int(info['num_classes']),
                space=space, mesh=mesh_lib.make_mesh())
@@ -287,21 +295,29 @@ def compare(setup: Setup, ops, random_ops, results, budget) -> dict:
 def search_fingerprint(setup: Setup) -> dict:
   config = setup.config
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
-          'ops': list(setup.space.op_names),
+          'ops': list(setup.space.op_names), 'stem_stride': setup.space.stem_stride,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed),
           'targets.params': float(config.targets.params),
           'targets.flops': float(config.targets.flops),
           **{f'search.{k}': v for k, v in sorted(config.search.to_dict().items())}}
 
 
-def search_steps(setup: Setup) -> tuple[int, int, int]:
-  """(steps per epoch of D_tr, vital steps, non-vital steps)."""
+def search_steps(setup: Setup) -> tuple[int, int, int, int]:
+  """(steps per epoch of D_tr, of D_val, vital weight steps, non-vital weight steps).
+
+  D_val's steps per epoch are counted only for the 'epoch' schedule (0 otherwise): the
+  interleaved one never asks for them, and a run that takes no D_val step needs no D_val batch.
+  """
   s = setup.config.search
   per_epoch = data.steps_per_epoch(setup.dataset, 'search_train', s.batch_size,
                                    data_dir=setup.data_dir)
+  val_per_epoch = 0
+  if s.get('schedule', 'interleaved') == 'epoch':
+    val_per_epoch = data.steps_per_epoch(setup.dataset, 'search_val', s.batch_size,
+                                         data_dir=setup.data_dir)
   vital = int(s.vital_steps) or max(1, int(round(s.vital_epochs * per_epoch)))
   nonvital = int(s.nonvital_steps) or max(1, int(round(s.nonvital_epochs * per_epoch)))
-  return per_epoch, vital, nonvital
+  return per_epoch, val_per_epoch, vital, nonvital
 
 
 def _with_sharding(template, mesh):
@@ -316,23 +332,52 @@ def _with_sharding(template, mesh):
   return jax.tree.map(fix, template)
 
 
-def run_search(setup: Setup) -> dict:
+def make_searcher(setup: Setup):
+  """The Searcher of a setup's config (steps from the dataset's split sizes)."""
   from hournas_jax import search  # pylint: disable=g-import-not-at-top
   config = setup.config
+  per_epoch, val_per_epoch, vital_steps, nonvital_steps = search_steps(setup)
+  return search.Searcher(setup.space, config.search, config.targets, setup.image_shape,
+                         vital_steps, nonvital_steps, tr_steps_per_epoch=per_epoch,
+                         val_steps_per_epoch=val_per_epoch)
+
+
+def load_search_state(setup: Setup):
+  """(searcher, state) of the latest search checkpoint in the workdir (e.g. a finished
+  search's SuperNet, for analyses); raises CheckpointError when there is none."""
+  searcher = make_searcher(setup)
+  directory = os.path.join(setup.workdir, 'search', 'checkpoints')
+  with checkpoint.Checkpointer(directory, keep=setup.config.keep_checkpoints) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is None:
+      raise checkpoint.CheckpointError(f'no search checkpoint in {directory}: run '
+                                       '--config.mode=search there first')
+    state = ckpt.restore(latest, lambda other: _with_sharding(
+        searcher.template(other.get('meta', {})), setup.mesh))
+  return searcher, state
+
+
+def run_search(setup: Setup) -> dict:
+  config = setup.config
   checkpoint.check_fingerprint(setup.workdir, 'search', search_fingerprint(setup))
-  per_epoch, vital_steps, nonvital_steps = search_steps(setup)
-  searcher = search.Searcher(setup.space, config.search, config.targets, setup.image_shape,
-                             vital_steps, nonvital_steps)
+  per_epoch, val_per_epoch, _, _ = search_steps(setup)
+  searcher = make_searcher(setup)
   directory = os.path.join(setup.workdir, 'search', 'checkpoints')
   ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
   try:
     latest = ckpt.latest_step()
     if latest is None:
+      if searcher.schedule == 'epoch':
+        cadence = (f'each epoch {per_epoch} weight steps on D_tr, then {val_per_epoch} '
+                   'architecture steps on D_val')
+      else:
+        cadence = f'one architecture step on D_val every {searcher.val_every} weight steps'
       logging_utils.info(
           f'[search] {setup.space.name} on {setup.dataset} {setup.image_shape}: '
-          f'{vital_steps} vital + {nonvital_steps} non-vital steps (batch '
-          f'{config.search.batch_size}, {per_epoch} steps per epoch of D_tr), on '
-          f'{mesh_lib.describe(setup.mesh)}')
+          f'{searcher.stage_steps["vital"]} vital + {searcher.stage_steps["nonvital"]} '
+          f'non-vital weight steps, {cadence}; '
+          f'{searcher.total_steps} steps in all (batch {config.search.batch_size}, '
+          f'{per_epoch} steps per epoch of D_tr), on {mesh_lib.describe(setup.mesh)}')
       state = searcher.init(config.seed)
     else:
       state = ckpt.restore(latest, lambda other: _with_sharding(
@@ -340,8 +385,8 @@ def run_search(setup: Setup) -> dict:
       logging_utils.info(f'[search] resuming from the checkpoint of step {latest} (stage '
                          f'{searcher.stage(state)}) in {directory}')
     if searcher.stage(state) != 'done':
-      state = _search_loop(setup, searcher, state, ckpt, vital_steps + nonvital_steps,
-                           directory, latest)
+      state = _search_loop(setup, searcher, state, ckpt, searcher.total_steps, directory,
+                           latest)
     ckpt.wait()
   finally:
     ckpt.close()
@@ -363,8 +408,16 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
                           start_step=int(start), train=True, data_dir=setup.data_dir,
                           channels=setup.channels), setup.mesh)
 
-  train_batches = stream('search_train', counters['tr_step'])
-  val_batches = None  # created on first use: a stage may never take a D_val step
+  # The streams resume where the counters say; each is created on first use (a run may never
+  # take a D_val step, and an 'epoch' run resumed in an architecture pass takes no D_tr batch
+  # for a while).
+  streams = {}
+
+  def next_batch(split, counter):
+    if split not in streams:
+      streams[split] = stream(split, state['counters'][counter])
+    return next(streams[split])
+
   step = int(counters['step'])
   progress = logging_utils.Progress('search', total, step, s.batch_size)
   sums, counts = {}, {}  # averaged over the steps since the last progress line
@@ -374,20 +427,18 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
       stage = searcher.stage(state)
       if stage == 'done':
         break
-      tr_batch = next(train_batches)
-      val_batch = None
-      if searcher.needs_val(state):
-        if val_batches is None:
-          val_batches = stream('search_val', state['counters']['val_step'])
-        val_batch = next(val_batches)
+      needs_tr, needs_val = searcher.batches_needed(state)
+      tr_batch = next_batch('search_train', 'tr_step') if needs_tr else None
+      val_batch = next_batch('search_val', 'val_step') if needs_val else None
       state, metrics = searcher.train_step(state, tr_batch, val_batch)
       step = int(state['counters']['step'])
-      loss = float(metrics.get('loss', 0.0))
-      if not math.isfinite(loss):
-        kept = (f'the last good checkpoint (step {last_good}) is kept in {directory}'
-                if last_good is not None else 'no checkpoint had been written yet')
-        raise SearchError(f'search: the loss became non-finite at step {step} ({stage} '
-                          f'stage); stopped, {kept}; try a lower config.search.weight_lr')
+      for key in ('loss', 'val_loss'):
+        if not math.isfinite(float(metrics.get(key, 0.0))):
+          kept = (f'the last good checkpoint (step {last_good}) is kept in {directory}'
+                  if last_good is not None else 'no checkpoint had been written yet')
+          raise SearchError(f'search: the {key.replace("_", " ")} became non-finite at step '
+                            f'{step} ({stage} stage); stopped, {kept}; try a lower '
+                            'config.search.weight_lr')
       for key, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
           if key in _LATEST:
@@ -426,6 +477,11 @@ def _write_search_result(setup: Setup, searcher, state) -> dict:
       logging_utils.info('\n' + f.read())
   logging_utils.info(f'[search] architecture written to {setup.workdir}/arch.json: '
                      f'{",".join(architecture.ops)}')
+  off = {k: v for k, v in result.get('deviation', {}).items() if abs(v) > proposals.TOLERANCE}
+  if off:
+    shown = ', '.join(f'{k} {100 * v:+.1f}%' for k, v in off.items())
+    logging_utils.info(f'[search] warning: the architecture is more than '
+                       f'{100 * proposals.TOLERANCE:.0f}% off its targets ({shown})')
   return result
 
 

@@ -20,9 +20,11 @@ class WholeNetEngine:
 
   def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
                weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0, dropout_rate: float = 0.0):
+               label_smoothing: float = 0.0, dropout_rate: float = 0.0,
+               weight_sharing: bool = False):
     self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops), dropout_rate=dropout_rate)
+    self.net = supernet.SuperNet(space, tuple(ops), dropout_rate=dropout_rate,
+                                 weight_sharing=bool(weight_sharing))
     self.choice_layers = tuple(l.name for l, o in self.net.active_layers if len(o) > 1)
     self.direction = optim.weight_direction(momentum, weight_decay, nesterov)
     self.label_smoothing = label_smoothing
@@ -50,12 +52,9 @@ class WholeNetEngine:
     grads, (metrics, stats) = jax.grad(self._loss, has_aux=True)(
         state['params'], state['batch_stats'], images, labels, weights, rng)
     params, opt = {}, {}
-    for layer, ops in state['params'].items():
-      params[layer], opt[layer] = {}, {}
-      for op in ops:
-        params[layer][op], opt[layer][op] = optim.sgd_update(
-            self.direction, state['params'][layer][op], state['opt_state'][layer][op],
-            grads[layer][op], lr)
+    for layer in state['params']:
+      params[layer], opt[layer] = optim.sgd_update_parts(
+          self.direction, state['params'][layer], state['opt_state'][layer], grads[layer], lr)
     return {'params': params, 'batch_stats': stats, 'opt_state': opt}, metrics
 
   def _arch_grads(self, state, images, labels, weights):

@@ -224,8 +224,10 @@ def elementwise_band(space, op_names):
 
 
 def xla_flops(fn, *args):
-  """XLA's flop count of the compiled `fn(*args)` (args may be ShapeDtypeStructs)."""
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """XLA's flop count of the compiled `fn(*args)` (args may be ShapeDtypeStructs), with XLA's
+  own depthwise convolution (whose count skips the padding taps, as `count_macs` models)."""
+  with blocks.depthwise_implementation('conv'):
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
     analysis = analysis[0]
   return float(analysis.get('flops', 0.0))  # no 'flops' key when there are none (skip)

@@ -1,40 +1,43 @@
 """The HourNAS search on a tiny space, fed arrays directly."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from hournas_jax import costs, proposals, search, singlepath, spaces, vital, wholenet
+from hournas_jax import (analysis, arch as arch_lib, costs, proposals, sampling, search,
+                         singlepath, spaces, supernet, vital, wholenet)
 from spaces_for_tests import toy_space
 
 RES = 16
 SPACE = toy_space(RES)
 VITAL = vital.vital_layers(SPACE)
+W, A = (True, False), (False, True)  # the batches of a weight step and of an architecture step
 
 
 def _config(**overrides):
   cfg = dict(num_proposals=4, proposal_iterations=0, tau0=5.0, tau_decay=0.9999, weight_lr=0.1,
              momentum=0.9, weight_decay=4e-5, arch_lr=0.01, alpha=1.0, vital_priority=True,
-             sampler='gumbel_max', val_every=2)
+             sampler='gumbel_max', val_every=2, schedule='interleaved', temperature='logits')
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
 
-def _targets(ops=('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip')):
-  """Targets that an architecture of the toy space meets exactly."""
-  tables = costs.cost_tables(SPACE)
-  params, flops = tables.cost([SPACE.op_names.index(o) for o in ops])
+def _targets(ops=('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip'), space=SPACE):
+  """Targets that an architecture of the space meets exactly."""
+  params, flops = costs.cost_tables(space).cost([space.op_names.index(o) for o in ops])
   return ml_collections.ConfigDict({'params': float(params), 'flops': float(flops)})
 
 
-def _data(n=16, seed=0):
+def _data(n=16, seed=0, res=RES):
   """Ten classes, each a fixed random template plus noise: easy to learn."""
   rng = np.random.default_rng(seed)
-  templates = np.random.default_rng(99).standard_normal((10, RES, RES, 3))
+  templates = np.random.default_rng(99).standard_normal((10, res, res, 3))
   labels = rng.integers(0, 10, n)
-  images = templates[labels] + 0.5 * rng.standard_normal((n, RES, RES, 3))
+  images = templates[labels] + 0.5 * rng.standard_normal((n, res, res, 3))
   return {'image': jnp.asarray(images, jnp.float32), 'label': jnp.asarray(labels, jnp.int32)}
 
 
@@ -54,21 +57,50 @@ def _record_paths(searcher, paths):
   searcher.engine = engine
 
 
-def _run(searcher, state, batches=None):
+def _stub_networks(searcher, grad_a=None):
+  """Stands in for the networks, so that a test of the schedule or of the architecture update
+  compiles none: weight steps leave the weights as they are, and architecture steps return
+  grad_a(A) (zeros by default) as d cross-entropy / d A, A the sampled one-hot [L, O]."""
+  def weight_step(engine, weights, batch, layers, idx, a, lr):
+    return weights, {'loss': 1.0, 'accuracy': 0.0}
+
+  def arch_grads(engine, weights, batch, layers, idx, a):
+    g = jnp.zeros(a.shape) if grad_a is None else grad_a(a)
+    return weights, {'loss': 1.0, 'accuracy': 0.0}, g
+  searcher._weight_step = weight_step
+  searcher._arch_grads = arch_grads
+
+
+def _run(searcher, state, steps=None, res=RES):
+  """Runs to the end of the search (or `steps` iterations), giving the batches it asks for."""
   metrics = []
-  i = 0
-  while searcher.stage(state) != 'done':
-    tr = (batches or [_data(seed=i)])[i % len(batches or [0])]
-    val = _data(seed=1000 + i) if searcher.needs_val(state) else None
+  while searcher.stage(state) != 'done' and (steps is None or len(metrics) < steps):
+    i = int(state['counters']['step'])
+    needs_tr, needs_val = searcher.batches_needed(state)
+    tr = _data(seed=i, res=res) if needs_tr else None
+    val = _data(seed=1000 + i, res=res) if needs_val else None
     state, m = searcher.train_step(state, tr, val)
-    metrics.append(m)
-    i += 1
+    metrics.append({**m, 'batches': (needs_tr, needs_val)})
   return state, metrics
 
 
+def _set_arch(searcher, state, arch):
+  return {**state, 'arch': arch, 'arch_opt': searcher._arch_tx.init(arch)}
+
+
+def _one_hot_ops(space, op, scale, m=None):
+  theta = scale * jax.nn.one_hot(jnp.full(len(space.searchable_names), space.op_names.index(op)),
+                                 len(space.op_names))
+  return theta if m is None else jnp.broadcast_to(theta, (m, *theta.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# The two stages end to end.
+
+
 def test_two_stage_search_end_to_end():
-  s = search.Searcher(SPACE, _config(), _targets(), (RES, RES, 3), vital_steps=4,
-                      nonvital_steps=4)
+  targets = _targets()
+  s = search.Searcher(SPACE, _config(), targets, (RES, RES, 3), vital_steps=4, nonvital_steps=4)
   paths = []
   _record_paths(s, paths)
   state = s.init(0)
@@ -91,12 +123,15 @@ def test_two_stage_search_end_to_end():
       assert ops == (vital_ops[layer.name],)
   result = s.result(state)
   assert all(result['ops'][n] == op for n, op in vital_ops.items())
-  tables = costs.cost_tables(SPACE)
+  # The reported params are those of the network the architecture builds.
   ops = [result['ops'][n] for n in SPACE.searchable_names]
-  assert (result['params'], result['flops']) == tables.cost(
-      [SPACE.op_names.index(o) for o in ops])
+  net = supernet.SuperNet(SPACE, supernet.fixed_layer_ops(SPACE, ops))
+  built = net.variable_shapes((RES, RES, 3))['params']
+  assert result['params'] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(built))
+  assert result['deviation'] == pytest.approx(
+      {'params': result['params'] / targets.params - 1, 'flops': result['flops'] / targets.flops
+       - 1})
   assert len(result['pi']) == 4 and np.isclose(sum(result['pi']), 1.0)
-  assert metrics[-1]['tau'] < metrics[0]['tau']
   # Taus follow the paper's schedule, one multiplication per iteration.
   np.testing.assert_allclose([m['tau'] for m in metrics], 5.0 * 0.9999 ** np.arange(8))
 
@@ -111,22 +146,58 @@ def test_same_seed_same_architecture():
   np.testing.assert_allclose(results[0]['pi'], results[1]['pi'])
 
 
-def test_proposals_meet_the_targets_when_stage_two_starts():
+@pytest.mark.parametrize('temperature', ['logits', 'relaxed'])
+def test_proposals_meet_the_targets_and_so_does_the_found_architecture(temperature):
   # A space with enough layers for a proposal to be a real subspace: the toy one has too few
   # architectures near any target.
   space = spaces.get_space('fbnet_shallow', resolution=32, num_classes=10, width=0.25)
   ops = ['k3e3', 'k5e6', 'k3g2', 'k3e3', 'k5e1', 'k5e6', 'skip', 'k3e6', 'k3e1', 'k5e3', 'k3e3',
          'k5e6']
-  params, flops = costs.cost_tables(space).cost([space.op_names.index(o) for o in ops])
-  targets = ml_collections.ConfigDict({'params': float(params), 'flops': float(flops)})
-  s = search.Searcher(space, _config(num_proposals=8, vital_priority=False), targets,
-                      (32, 32, 3), 0, 1)
+  targets = _targets(ops, space)
+  s = search.Searcher(space, _config(num_proposals=8, vital_priority=False, val_every=1,
+                                     arch_lr=0.05, temperature=temperature),
+                      targets, (32, 32, 3), 0, 10)
   state = s.init(0)
   assert s.stage(state) == 'nonvital'
+  # At tau0 = 5: 'logits' rescaled the proposals to it, 'relaxed' samples at tau = 1 anyway.
   sampled_params, sampled_flops = s.proposal_samples(state, 4000)
-  within = ((np.abs(sampled_params - params) <= 0.05 * params)
-            & (np.abs(sampled_flops - flops) <= 0.05 * flops))
+  within = ((np.abs(sampled_params - targets.params) <= 0.05 * targets.params)
+            & (np.abs(sampled_flops - targets.flops) <= 0.05 * targets.flops))
   assert within.mean() >= 0.9, within.mean()
+  # Architecture steps with a noisy stand-in for the cross-entropy gradient: the result is the
+  # best proposal's most probable architecture, and it must meet the targets too.
+  rng = np.random.default_rng(0)
+  _stub_networks(s, lambda a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), jnp.float32))
+  state, _ = _run(s, state, res=32)
+  result = s.result(state)
+  assert set(result['deviation']) == {'params', 'flops'}
+  assert max(abs(v) for v in result['deviation'].values()) <= 0.05, result['deviation']
+
+
+def test_both_temperatures_start_stage_two_on_the_fitted_distribution():
+  """'logits' rescales the fitted proposals to the search's tau (5 here); 'relaxed' samples at
+  tau = 1 whatever tau is, so it must not rescale them: both then sample the same, fitted,
+  distribution when stage 2 starts."""
+  start = []
+  for temperature in ('logits', 'relaxed'):
+    s = search.Searcher(SPACE, _config(vital_priority=False, temperature=temperature),
+                        _targets(), (RES, RES, 3), 0, 1)
+    state = s.init(0)
+    start.append(np.asarray(sampling.probabilities(
+        state['arch']['thetas'], s.tau(state), jnp.asarray(SPACE.op_mask()), temperature)))
+  np.testing.assert_allclose(start[0], start[1], rtol=1e-4, atol=1e-6)
+  assert start[0].max() > 0.5  # a fitted proposal, not the uniform distribution
+
+
+def test_summary_flags_a_result_more_than_5_percent_off_its_targets():
+  ops = ('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip')
+  params, flops = costs.cost_tables(SPACE).cost([SPACE.op_names.index(o) for o in ops])
+  result = {'space': SPACE.name, 'ops': dict(zip(SPACE.searchable_names, ops)),
+            'targets': {'params': params / 1.1, 'flops': float(flops)}}
+  lines = analysis.summary_text(SPACE, result).splitlines()
+  assert [l for l in lines if l.startswith('target')] == [
+      f'target params: {params / 1.1e6:.3f}M (deviation +10.0%)  ** more than 5% off the '
+      'target **', f'target flops: {flops / 1e6:.3f}M (deviation +0.0%)']
 
 
 def test_impossible_targets_are_refused_up_front():
@@ -138,6 +209,17 @@ def test_impossible_targets_are_refused_up_front():
   with pytest.raises(search.SearchError, match='at least one'):
     search.Searcher(SPACE, _config(), ml_collections.ConfigDict({'params': 0.0, 'flops': 0.0}),
                     (RES, RES, 3), 1, 1)
+  # Each target alone is within the space's range, but a params budget this small leaves k3e1
+  # the only op for both vital blocks, and after that the other layers cannot add the FLOPs.
+  both = ml_collections.ConfigDict({'params': 3000.0, 'flops': 130000.0})
+  with pytest.raises(search.SearchError, match='no choice of the vital blocks') as error:
+    search.Searcher(SPACE, _config(), both, (RES, RES, 3), 1, 1)
+  assert '\n' not in str(error.value)
+  search.Searcher(SPACE, _config(vital_priority=False), both, (RES, RES, 3), 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1.
 
 
 def test_vital_stage_finds_the_clearly_better_op():
@@ -158,6 +240,272 @@ def test_vital_stage_finds_the_clearly_better_op():
   while s.stage(state) == 'vital':
     state, _ = s.train_step(state, _data(32, seed=500), _data(32, seed=600))
   assert state['meta']['vital_ops'] == good
+
+
+def test_vital_choice_keeps_the_targets_reachable(capsys):
+  """theta prefers k3e3 on both vital blocks (layer3_1 more strongly), which costs more params
+  than the target allows. Within reach are (k3e1, k3e1) and (k3e3, k3e1) -- not (k3e1, k3e3),
+  layer3_1's k3e3 being the dearer -- and the more probable of the two is (k3e3, k3e1)."""
+  targets = ml_collections.ConfigDict({'params': 3500.0, 'flops': 60000.0})
+  s = search.Searcher(SPACE, _config(arch_lr=0.0, val_every=1), targets, (RES, RES, 3), 1, 1)
+  state = s.init(0)
+  _stub_networks(s)
+  k3e3 = SPACE.op_names.index('k3e3')
+  theta = jnp.zeros((2, len(SPACE.op_names))).at[0, k3e3].set(1.0).at[1, k3e3].set(3.0)
+  state = _set_arch(s, state, {'theta': theta})
+  table = costs.cost_tables(SPACE)
+  rows = [SPACE.searchable_names.index(n) for n in VITAL]
+  assert VITAL == ('layer2_1', 'layer3_1')
+  assert table.fixed_params + table.params[rows, k3e3].sum() > targets.params  # out of reach
+  state, _ = s.train_step(state, _data(), _data(seed=1))  # the vital stage's only step
+  assert state['meta']['vital_ops'] == {'layer2_1': 'k3e3', 'layer3_1': 'k3e1'}
+  assert s.stage(state) == 'nonvital'
+  assert 'would leave the targets out of reach' in capsys.readouterr().out
+
+
+def test_best_reachable_choice_is_the_exact_optimum():
+  rng = np.random.default_rng(0)
+  num_layers, num_ops = 4, 5
+  low, high = np.array([10.0, 20.0]), np.array([60.0, 90.0])
+  found = 0
+  for trial in range(12):
+    log_probs = rng.normal(size=(num_layers, num_ops))
+    log_probs[rng.random((num_layers, num_ops)) < 0.3] = -np.inf
+    log_probs[:, 0] = rng.normal(size=num_layers)  # every layer keeps an op
+    layer_costs = rng.integers(0, 100, size=(2, num_layers, num_ops)).astype(float)
+    targets = np.array([rng.uniform(100, 300), rng.uniform(150, 350)])
+    active = np.array([True, trial % 3 != 0])
+    # Brute force over every joint choice.
+    best, best_score = None, -np.inf
+    for choice in itertools.product(*[np.flatnonzero(np.isfinite(r)) for r in log_probs]):
+      c = layer_costs[:, range(num_layers), choice].sum(-1)
+      ok = (low + c <= targets) & (targets <= high + c)
+      score = log_probs[range(num_layers), choice].sum()
+      if np.all(ok | ~active) and score > best_score:
+        best, best_score = tuple(int(o) for o in choice), score
+    found += best is not None
+    for chunk in (1, 7, 2 ** 20):  # all in the loop, mixed, all vectorised
+      assert search.best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
+                                          chunk) == best
+  assert 0 < found < 12  # both outcomes were exercised
+
+
+def test_layers_with_a_single_candidate_get_no_architecture_gradient():
+  """ops 'k3e1,skip' leave the vital (shape-changing) layers k3e1 alone: no gate, no error."""
+  space = toy_space(RES, ops=('k3e1', 'skip'))
+  assert all(space.layer(n).ops == ('k3e1',) for n in VITAL)
+  targets = _targets(('k3e1', 'k3e1', 'k3e1', 'k3e1', 'skip'), space)
+  s = search.Searcher(space, _config(val_every=1, num_proposals=2), targets, (RES, RES, 3), 2, 2)
+  state, metrics = _run(s, s.init(0))
+  assert [m['batches'] for m in metrics] == [(True, True)] * 4
+  assert state['meta']['vital_ops'] == {n: 'k3e1' for n in VITAL}
+  assert state['meta']['theta_vital'] == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_efficientnet_layer1_1_stays_at_the_supernets_k3e1se():
+  """Table 14: the SuperNet holds layer1_1 at k3e1se. It is vital by the graph, but neither a
+  vital block to search nor a layer of the proposals; architectures may still change it."""
+  space = spaces.get_space('efficientnet', resolution=32, num_classes=10, width=0.5,
+                           ops=('k3e1se', 'k5e6se', 'skip'))
+  assert 'layer1_1' in vital.vital_layers(space)
+  preset = arch_lib.preset('hournas_f')
+  targets = _targets([o if o in space.op_names else 'k5e6se' for o in preset.ops], space)
+  s = search.Searcher(space, _config(num_proposals=2, val_every=1), targets, (32, 32, 3), 1, 1)
+  assert 'layer1_1' not in s.vital_names and len(s.vital_names) == 6
+  state = s.init(0)
+  ops = dict(zip((l.name for l in space.layers), s.engine(state['meta']).net.ops))
+  assert ops['layer1_1'] == ('k3e1se',)
+  assert state['arch']['theta'].shape == (6, len(space.op_names))
+  _stub_networks(s)
+  state, _ = _run(s, state, steps=1, res=32)
+  assert s.stage(state) == 'nonvital'
+  assert 'layer1_1' not in s.choice_layers(state['meta'])
+  assert state['arch']['thetas'].shape[1] == len(space.searchable_names) - 7
+  ops = dict(zip((l.name for l in space.layers), s.engine(state['meta']).net.ops))
+  assert ops['layer1_1'] == ('k3e1se',)
+  result = s.result(state)
+  assert result['ops']['layer1_1'] == 'k3e1se' and result['fixed_ops'] == {'layer1_1': 'k3e1se'}
+  assert 'layer1_1' not in result['vital_ops']
+  # The report maps theta_vital's rows to the searched vital layers, and marks layer1_1 fixed.
+  probabilities = analysis.layer_probabilities(space, result)
+  assert set(probabilities) == set(s.vital_names) | set(s.choice_layers(state['meta']))
+  row = next(l for l in analysis.summary_text(space, result).splitlines()
+             if l.startswith('layer1_1 '))
+  assert row.split()[1] == 'k3e1se' and row.endswith('fixed')
+  # The space still holds EfficientNet-Max's k5e6se there, and costs it.
+  table = costs.cost_tables(space)
+  effmax = arch_lib.resolve('efficientnet_max', spaces.get_space('efficientnet', resolution=32,
+                                                                 num_classes=10, width=0.5))
+  assert effmax.ops[0] == 'k5e6se'
+  heavy = table.cost([space.op_names.index('k5e6se')] * len(space.searchable_names))
+  light = table.cost([space.op_names.index('k3e1se')] + [space.op_names.index('k5e6se')] * 21)
+  assert heavy[1] > light[1]
+  # The proposals CLI fixes it as the search does.
+  summary = proposals.run(space, (targets.params, targets.flops), num_proposals=2, samples=100)
+  assert summary['fixed'] == {'layer1_1': 'k3e1se'}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2.
+
+
+def test_stage_one_weights_of_the_vital_ops_carry_into_stage_two():
+  s = search.Searcher(SPACE, _config(val_every=2), _targets(), (RES, RES, 3), 2, 1)
+  state = s.init(0)
+  seen = {}
+  advance = s._advance
+
+  def recording_advance(st):
+    seen['weights'] = st['weights']
+    return advance(st)
+  s._advance = recording_advance
+  while s.stage(state) == 'vital':
+    state, _ = _run(s, state, steps=1)
+  before, after = seen['weights'], state['weights']
+  fresh = s.engine(state['meta']).init(state['seed'] + 1, (RES, RES, 3))  # stage 2's own init
+  for layer, op in state['meta']['vital_ops'].items():
+    for part in ('params', 'batch_stats', 'opt_state'):
+      for x, y in zip(jax.tree.leaves(before[part][layer][op]),
+                      jax.tree.leaves(after[part][layer][op])):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(after['params'][layer][op]), jax.tree.leaves(fresh['params'][layer][op])))
+  for layer in ('stem', 'head'):
+    for x, y in zip(jax.tree.leaves(before['params'][layer]),
+                    jax.tree.leaves(after['params'][layer])):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_pi_prefers_the_proposal_whose_architectures_are_clearly_better():
+  """Proposal 0 samples the all-k3e3 architecture, proposal 1 the all-k3e1 one, on a task whose
+  cross-entropy falls with every k3e3 and rises with every k3e1: L(A) = <A, C>, C = -1 on k3e3
+  and +1 on k3e1, so d L / d A is C on the sampled ops, as the network's gates give it. With
+  no resource term, pi must come to prefer proposal 0.
+
+  The task is this linear stand-in rather than a trained network because the single-path
+  straight-through signal is the derivative of the loss with respect to the sampled ops' output
+  scales, not the loss itself: on the toy networks it does not rank a trained path above an
+  untrained one reliably (its sign for the untrained path flips with XLA's optimisation flags).
+  """
+  s = search.Searcher(SPACE, _config(vital_priority=False, num_proposals=2, arch_lr=0.05,
+                                     alpha=0.0, val_every=1, tau0=1.0, tau_decay=1.0),
+                      _targets(), (RES, RES, 3), 0, 30)
+  state = s.init(0)
+  ops = SPACE.op_names
+  c = np.zeros(len(ops))
+  c[ops.index('k3e3')], c[ops.index('k3e1')] = -1.0, 1.0
+  _stub_networks(s, lambda a: jnp.round(a) * c)  # only the sampled entries, like the gates
+  thetas = jnp.stack([_one_hot_ops(SPACE, 'k3e3', 10.0), _one_hot_ops(SPACE, 'k3e1', 10.0)])
+  state = _set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)})
+  state, _ = _run(s, state)
+  pi = np.asarray(jax.nn.softmax(state['arch']['pi']))
+  assert pi[0] > 0.75, pi
+  assert s.result(state)['proposal'] == 0
+
+
+def test_gumbel_softmax_stage_two_moves_pi():
+  """The ablation picks its proposal through a straight-through sample, so pi learns from the
+  cross-entropy (alpha = 0: no resource term)."""
+  s = search.Searcher(SPACE, _config(sampler='gumbel_softmax', vital_priority=False,
+                                     num_proposals=2, val_every=1, arch_lr=0.05, alpha=0.0),
+                      _targets(), (RES, RES, 3), 0, 3)
+  state = s.init(0)
+  assert np.all(np.asarray(state['arch']['pi']) == 0)
+  state, _ = _run(s, state)
+  assert np.max(np.abs(np.asarray(state['arch']['pi']))) > 0.01
+
+
+def test_resource_term_pulls_theta_toward_the_targets():
+  """With no cross-entropy gradient, architecture steps move only by alpha * Eqn 5: started on
+  the heaviest op of every layer, the expected cost must come down to the (light) targets."""
+  targets = _targets(('k3e1', 'k3e1', 'skip', 'k3e1', 'skip'))
+  s = search.Searcher(SPACE, _config(vital_priority=False, num_proposals=2, arch_lr=0.05,
+                                     val_every=1, tau0=1.0, tau_decay=1.0),
+                      targets, (RES, RES, 3), 0, 40)
+  state = s.init(0)
+  _stub_networks(s)
+  state = _set_arch(s, state, {'thetas': _one_hot_ops(SPACE, 'k3e3', 2.0, m=2),
+                               'pi': jnp.zeros(2)})
+  _, tables, mask, offset = proposals.restrict_tables(s.tables)
+  t = np.array([targets.params, targets.flops])
+
+  def gap(state):
+    expected = np.asarray(proposals.expected_cost(state['arch']['thetas'], tables, offset, 1.0,
+                                                  mask))
+    mean = np.asarray(jax.nn.softmax(state['arch']['pi'])) @ expected
+    return np.abs(mean - t) / t
+
+  before = gap(state)
+  state, _ = _run(s, state)
+  after = gap(state)
+  assert np.all(after < 0.5 * before), (before, after)
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule: which batches each iteration takes, counters, resume.
+
+
+def test_interleaved_schedule_takes_a_val_batch_every_fourth_step_by_default():
+  s = search.Searcher(SPACE, _config(val_every=0), _targets(), (RES, RES, 3), 8, 8)
+  state = s.init(0)
+  _stub_networks(s)
+  state, metrics = _run(s, state)
+  assert [m['batches'] for m in metrics] == [(True, (i + 1) % 4 == 0) for i in range(16)]
+  assert state['counters'] == {'step': 16, 'tr_step': 16, 'val_step': 4, 'stage_step': 0}
+  assert s.total_steps == 16
+
+
+def test_epoch_schedule_is_algorithm_1_and_resumes_exactly():
+  """5 D_tr and 2 D_val steps an epoch; 6 vital weight steps: one epoch, then a partial one of
+  1 weight step with its proportional architecture pass (round(2 / 5) = 0, so 1 step); 10
+  non-vital weight steps: two whole epochs."""
+  def searcher():
+    s = search.Searcher(SPACE, _config(schedule='epoch'), _targets(), (RES, RES, 3), 6, 10,
+                        tr_steps_per_epoch=5, val_steps_per_epoch=2)
+    _stub_networks(s)
+    return s
+
+  s = searcher()
+  state, metrics = _run(s, s.init(0))
+  expected = [W] * 5 + [A] * 2 + [W] + [A] + ([W] * 5 + [A] * 2) * 2
+  assert [m['batches'] for m in metrics] == expected and s.total_steps == len(expected)
+  assert [m['stage'] for m in metrics] == ['vital'] * 9 + ['nonvital'] * 14
+  assert state['counters'] == {'step': 23, 'tr_step': 16, 'val_step': 7, 'stage_step': 0}
+  np.testing.assert_allclose([m['tau'] for m in metrics], 5.0 * 0.9999 ** np.arange(23))
+  # The weights' cosine schedule runs over a stage's weight steps, not its iterations.
+  lrs = [m['lr'] for m in metrics[:9] if 'lr' in m]
+  np.testing.assert_allclose(lrs, 0.1 * 0.5 * (1 + np.cos(np.pi * np.arange(6) / 6)))
+
+  # Stopped in the middle of an architecture pass and restored (counters come back as arrays).
+  s = searcher()
+  state, first = _run(s, s.init(0), steps=6)
+  state = {**state, 'counters': {k: np.int32(v) for k, v in state['counters'].items()},
+           'seed': np.int32(state['seed'])}
+  s = searcher()
+  resumed, rest = _run(s, state)
+  assert [m['batches'] for m in first + rest] == expected
+  assert resumed['counters'] == {'step': 23, 'tr_step': 16, 'val_step': 7, 'stage_step': 0}
+  uninterrupted = searcher()
+  uninterrupted, _ = _run(uninterrupted, uninterrupted.init(0))
+  for x, y in zip(jax.tree.leaves(resumed['arch']), jax.tree.leaves(uninterrupted['arch'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_steps_given_the_wrong_batches_and_bad_settings_are_refused():
+  s = search.Searcher(SPACE, _config(schedule='epoch'), _targets(), (RES, RES, 3), 2, 2,
+                      tr_steps_per_epoch=2, val_steps_per_epoch=1)
+  state = s.init(0)
+  with pytest.raises(search.SearchError, match='takes a D_tr batch, got a D_tr batch and a '
+                                               'D_val batch'):
+    s.train_step(state, _data(), _data())
+  with pytest.raises(search.SearchError, match='takes a D_tr batch, got no batch'):
+    s.train_step(state)
+  for overrides, match in (({'schedule': 'epoch'}, 'needs at least one step per epoch'),
+                           ({'schedule': 'epochs'}, 'search.schedule must be one of'),
+                           ({'temperature': 'theta'}, 'search.temperature must be one of')):
+    with pytest.raises(search.SearchError, match=match) as error:
+      search.Searcher(SPACE, _config(**overrides), _targets(), (RES, RES, 3), 2, 2)
+    assert '\n' not in str(error.value)
 
 
 def test_ablation_switches():

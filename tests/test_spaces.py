@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hournas_jax import spaces
+from hournas_jax import arch, spaces
 from hournas_jax.spaces import SpaceError
 
 
@@ -309,3 +309,20 @@ def test_bad_ops_lists_allowed(ops):
   assert 'at least one besides skip' in msg
   for op in spaces.FBNET_OPS:  # the allowed ops are listed
     assert op in msg
+
+
+def test_efficientnet_supernet_holds_layer1_1_at_k3e1se():
+  """Table 14: the SuperNet's layer1_1 is k3e1se (the search keeps it there); the space still
+  offers every op at it, so EfficientNet-Max (k5e6se there) is an architecture of the space."""
+  space = spaces.get_space('efficientnet')
+  assert space.supernet_fixed == {'layer1_1': 'k3e1se'}
+  layer = space.layer('layer1_1')
+  assert layer.searchable and 'k5e6se' in layer.ops
+  assert arch.preset('efficientnet_max').validate(space).ops[0] == 'k5e6se'
+  for name in ('fbnet', 'fbnet_enlarged', 'mnasnet', 'fbnet_shallow'):
+    assert spaces.get_space(name).supernet_fixed == {}
+  # An op subset without k3e1se leaves the layer searchable among the ops it keeps.
+  assert spaces.get_space('efficientnet', ops=('k3e6se', 'k5e6se')).supernet_fixed == {}
+  bad = {**spaces.SPACE_TABLES['efficientnet'], 'supernet_fixed': {'layer9_1': 'k3e1se'}}
+  with pytest.raises(spaces.SpaceError, match='supernet_fixed layer9_1=k3e1se'):
+    spaces.from_table('efficientnet', bad)

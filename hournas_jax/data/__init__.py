@@ -2,6 +2,7 @@
 
 from hournas_jax.data.common import DATASETS
 from hournas_jax.data.common import DataError
+from hournas_jax.data.common import OFFLINE_DATASETS
 from hournas_jax.data.common import SPLITS
 from hournas_jax.data.input_pipeline import dataset_info
 from hournas_jax.data.input_pipeline import make_batches
@@ -11,6 +12,7 @@ from hournas_jax.data.input_pipeline import steps_per_epoch
 __all__ = [
     'DATASETS',
     'DataError',
+    'OFFLINE_DATASETS',
     'SPLITS',
     'dataset_info',
     'make_batches',

@@ -4,7 +4,9 @@ import math
 
 import numpy as np
 
-DATASETS = ('imagenet2012', 'cifar10', 'digits')
+DATASETS = ('imagenet2012', 'cifar10', 'digits', 'cluttered_digits')
+# Built from scikit-learn's digits on the host: no download, no TensorFlow, 1 or 3 channels.
+OFFLINE_DATASETS = ('digits', 'cluttered_digits')
 
 # HourNAS trains supernet weights on D_tr and architecture parameters on D_val
 # (both carved from the train split); 'train' is the whole train split for

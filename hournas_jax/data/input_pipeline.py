@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hournas_jax.data import cluttered
 from hournas_jax.data import common
 from hournas_jax.data import digits
 
@@ -24,7 +25,7 @@ Batch = dict[str, np.ndarray]
 
 
 def _tfds_pipeline():
-  # Imported on first use so that the digits path never loads TensorFlow.
+  # Imported on first use so that the offline datasets never load TensorFlow.
   from hournas_jax.data import tfds_pipeline  # pylint: disable=g-import-not-at-top
   return tfds_pipeline
 
@@ -36,12 +37,13 @@ def dataset_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
   its metadata) and raises DataError otherwise.
   """
   common.check_dataset(name)
-  if name == 'digits':
-    size = digits.DEFAULT_IMAGE_SIZE
+  if name in common.OFFLINE_DATASETS:
+    module = _offline(name)
+    size = module.DEFAULT_IMAGE_SIZE
     return {
-        'num_classes': digits.NUM_CLASSES,
+        'num_classes': module.NUM_CLASSES,
         'image_shape': (size, size, 1),
-        'splits': {split: digits.num_examples(split)
+        'splits': {split: module.num_examples(split)
                    for split in common.SPLITS},
     }
   return _tfds_pipeline().dataset_info(name, data_dir)
@@ -55,16 +57,20 @@ def steps_per_epoch(name: str, split: str, batch_size: int, *,
   """
   common.check_dataset(name)
   common.check_split(split)
-  if name == 'digits':
+  if name in common.OFFLINE_DATASETS:
     common.local_batch_size(batch_size, jax.process_count())
-    return digits.steps_per_epoch(split, batch_size, train=train)
+    return _offline(name).steps_per_epoch(split, batch_size, train=train)
   return _tfds_pipeline().steps_per_epoch(
       name, split, batch_size, train=train, data_dir=data_dir,
       process_count=jax.process_count())
 
 
+def _offline(name: str):
+  return {'digits': digits, 'cluttered_digits': cluttered}[name]
+
+
 def _check_channels(name: str, channels: int | None) -> int:
-  if name == 'digits':
+  if name in common.OFFLINE_DATASETS:
     allowed = (1, 3)
     channels = 1 if channels is None else channels
   else:
@@ -83,7 +89,7 @@ def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
   """This process's share of each global batch, from batch start_step on.
 
   Args:
-    name: 'imagenet2012', 'cifar10' or 'digits'.
+    name: 'imagenet2012', 'cifar10', 'digits' or 'cluttered_digits'.
     split: 'search_train', 'search_val', 'train' or 'eval'.
     batch_size: global batch size, divisible by jax.process_count().
     image_size: output height and width.
@@ -93,9 +99,10 @@ def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
       (epoch e shuffled by (seed, e)); False gives one pass in a fixed order
       whose last batch is padded, with a float32 'mask' (1 real, 0 padding)
       in every batch so each example counts exactly once.
-    data_dir: TFDS data directory (TFDS default when None); unused by digits.
-    channels: digits only: 1 (default) or 3 (repeated gray); the others are
-      always RGB.
+    data_dir: TFDS data directory (TFDS default when None); unused by the
+      offline datasets.
+    channels: offline datasets only: 1 (default) or 3 (repeated gray); the
+      others are always RGB.
 
   Returns:
     Iterator of dicts: 'image' float32 (batch_size // process_count, H, W, C),
@@ -115,8 +122,8 @@ def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
                 start_step=start_step, train=train,
                 process_index=jax.process_index(),
                 process_count=jax.process_count())
-  if name == 'digits':
-    return digits.make_batches(split, channels=channels, **kwargs)
+  if name in common.OFFLINE_DATASETS:
+    return _offline(name).make_batches(split, channels=channels, **kwargs)
   return _tfds_pipeline().make_batches(name, split, data_dir=data_dir,
                                        **kwargs)
 

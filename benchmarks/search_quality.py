@@ -1,0 +1,414 @@
+"""Search quality: does the search find better architectures than random ones of its budget?
+
+    python benchmarks/search_quality.py [--out DIR] [--seeds 5] [--random 20] ...
+
+At one budget (the config's targets, or --targets PARAMS,FLOPS) it trains, stand-alone with one
+recipe (config.train) and --train-seeds seeds each:
+- K random architectures (each layer's op uniform over its candidates, kept when within 5% of
+  both targets): the reference distribution;
+- the architecture found by the HourNAS search with each of N seeds;
+- the paper's ablations at the same budget, each with --ablation-seeds seeds: no vital-block
+  priority (HourNAS-G/H, one stage with twice the search steps), Gumbel-softmax sampling
+  (HourNAS-I), one space proposal (m = 1; HourNAS uses the config's m, 8);
+- any --variants of the search (Algorithm 1's epoch schedule, the literal temperature,
+  separate weights per candidate) for choosing the defaults.
+It also measures how well a trained SuperNet ranks architectures: Kendall tau between the
+accuracy of the random architectures with weights inherited from the SuperNet of the
+no-vital-priority search (every layer searchable; BatchNorm statistics recalibrated on training
+batches; evaluated on D_val) and their stand-alone accuracy.
+
+Everything is resumable: stand-alone results live in <out>/population/population.jsonl (the
+population store), each search in its own workdir <out>/searches/<method>/seed<k>; a rerun
+skips what is done. Results: <out>/results.json (also the last line printed), results.md (the
+table) and results.png (the random distribution with searched and ablation results marked).
+The default size finishes within 90 minutes on a 2-core CPU, with one process per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=wrong-import-position
+
+# What each method changes in config.search (the HourNAS row is the config itself). The
+# no-vital-priority ablation gets twice the counterparts' search steps, as the paper gives it.
+ABLATIONS = {
+    'no_vital_priority': lambda s: dict(vital_priority=False, vital_epochs=0.0,
+                                        nonvital_epochs=2 * (s.vital_epochs + s.nonvital_epochs)),
+    'gumbel_softmax': lambda s: dict(sampler='gumbel_softmax'),
+    'one_proposal': lambda s: dict(num_proposals=1),
+}
+VARIANTS = {
+    'epoch_schedule': lambda s: dict(schedule='epoch'),
+    'relaxed_temperature': lambda s: dict(temperature='relaxed'),
+    'separate_weights': lambda s: dict(weight_sharing='none'),
+    'nested_weights': lambda s: dict(weight_sharing='nested'),
+    'interleaved_schedule': lambda s: dict(schedule='interleaved'),
+    'logits_temperature': lambda s: dict(temperature='logits'),
+}
+RANKING_METHOD = 'no_vital_priority'
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', default='configs/search_quality.py',
+                 help='base config (task, space, search and retraining recipe)')
+  p.add_argument('--dataset', default='', help='override config.dataset')
+  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
+  p.add_argument('--seeds', type=int, default=5, help='HourNAS searches (N)')
+  p.add_argument('--random', type=int, default=20, help='random architectures (K)')
+  p.add_argument('--train-seeds', type=int, default=3, help='stand-alone trainings per '
+                 'architecture; every score is their mean')
+  p.add_argument('--ablations', default=','.join(ABLATIONS),
+                 help=f'comma-separated subset of {",".join(ABLATIONS)} ("" = none)')
+  p.add_argument('--ablation-seeds', type=int, default=3, help='searches per ablation')
+  p.add_argument('--variants', default='', help=f'search variants to compare, comma-separated '
+                 f'from {",".join(VARIANTS)}; each runs with --ablation-seeds seeds')
+  p.add_argument('--steps-scale', type=float, default=1.0,
+                 help='multiplies the search epochs and the retraining epochs')
+  p.add_argument('--workers', type=int, default=0,
+                 help='processes training at once (0 = one per CPU core on a CPU, 1 on '
+                 'accelerators)')
+  p.add_argument('--out', default='/tmp/hournas_search_quality', help='results directory')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='override a config field, e.g. --set search.arch_lr=0.05 (repeatable)')
+  args = p.parse_args(argv)
+  problems = []
+  if args.seeds < 1 or args.random < 2 or args.train_seeds < 1 or args.ablation_seeds < 1:
+    problems.append('--seeds, --ablation-seeds and --train-seeds must be >= 1 and --random '
+                    '>= 2')
+  if not args.steps_scale > 0:
+    problems.append('--steps-scale must be positive')
+  for name in filter(None, args.ablations.split(',')):
+    if name not in ABLATIONS:
+      problems.append(f'unknown ablation {name!r}; allowed: {", ".join(ABLATIONS)}')
+  for name in filter(None, args.variants.split(',')):
+    if name not in VARIANTS:
+      problems.append(f'unknown variant {name!r}; allowed: {", ".join(VARIANTS)}')
+  if args.targets:
+    try:
+      values = [float(v) for v in args.targets.split(',')]
+      assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
+    except (ValueError, AssertionError):
+      problems.append(f'--targets must be PARAMS,FLOPS (numbers >= 0), got {args.targets!r}')
+  if problems:
+    p.error('; '.join(problems))
+  return args
+
+
+# --------------------------------------------------------------------------------------------
+# Config.
+
+
+def load_config(args):
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections.config_flags import config_flags as impl  # pylint: disable=g-import-not-at-top
+  del config_flags
+  config = impl.ConfigFileFlagParser('config').parse(args.config)
+  if args.dataset:
+    config.dataset = args.dataset
+  if args.targets:
+    config.targets.params, config.targets.flops = (float(v) for v in args.targets.split(','))
+  for item in args.set:
+    field, _, value = item.partition('=')
+    node, *path = field.split('.')
+    holder = config
+    for part in [node] + path[:-1]:
+      holder = holder[part]
+    key = path[-1] if path else node
+    old = holder[key]
+    holder[key] = type(old)(value) if not isinstance(old, bool) else value.lower() == 'true'
+  s, t = config.search, config.train
+  s.vital_epochs *= args.steps_scale
+  s.nonvital_epochs *= args.steps_scale
+  t.epochs *= args.steps_scale
+  config.retrain_after_search = False
+  config.random_baseline = False
+  config.tensorboard = False
+  config.mode = 'search'
+  return config
+
+
+def method_config(base, method: str, seed: int):
+  config = copy.deepcopy(base)
+  overrides = {}
+  if method in ABLATIONS:
+    overrides = ABLATIONS[method](config.search)
+  elif method in VARIANTS:
+    overrides = VARIANTS[method](config.search)
+  for key, value in overrides.items():
+    config.search[key] = value
+  config.seed = seed
+  return config
+
+
+# --------------------------------------------------------------------------------------------
+# Searches (in worker processes on a CPU).
+
+
+def search_dir(out, method, seed):
+  return os.path.join(out, 'searches', method, f'seed{seed}')
+
+
+def _run_search(task):
+  """Runs (or finishes) one search in its workdir; returns its result and wall time."""
+  config, workdir = task
+  from hournas_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  done_path = os.path.join(workdir, 'search_time.json')
+  if os.path.exists(done_path) and os.path.exists(os.path.join(workdir, 'arch.json')):
+    return checkpoint.read_json(os.path.join(workdir, 'arch.json')), checkpoint.read_json(
+        done_path)
+  start = time.time()
+  train.configure_jax(config)
+  setup = train.resolve_setup(config, checkpoint.prepare_workdir(workdir))
+  result = train.run_search(setup)
+  timing = {'wall_s': time.time() - start,
+            'resumed': os.path.exists(os.path.join(workdir, 'search_started'))}
+  checkpoint.atomic_write_json(done_path, timing)
+  return result, timing
+
+
+def _mark_started(task):
+  workdir = task[1]
+  os.makedirs(workdir, exist_ok=True)
+  marker = os.path.join(workdir, 'search_started')
+  existed = os.path.exists(marker)
+  open(marker, 'a').close()
+  return existed
+
+
+def run_searches(base, out, methods_seeds, workers):
+  from hournas_jax import population  # pylint: disable=g-import-not-at-top
+  tasks = [(method_config(base, m, s), search_dir(out, m, s)) for m, s in methods_seeds]
+  pending = [t for t in tasks if not os.path.exists(os.path.join(t[1], 'search_time.json'))]
+  for task in pending:
+    _mark_started(task)
+  results = {}
+  print(f'[search_quality] {len(tasks) - len(pending)} of {len(tasks)} searches done; running '
+        f'{len(pending)}', flush=True)
+  if workers > 1 and len(pending) > 1:
+    with population.worker_pool(base, out, workers) as pool:
+      outputs = pool.map(_run_search, tasks, chunksize=1)
+  else:
+    outputs = [_run_search(t) for t in tasks]
+  for (method, seed), (result, timing) in zip(methods_seeds, outputs):
+    results[method, seed] = {'ops': result['ops'], 'params': result['params'],
+                             'flops': result['flops'], 'wall_s': timing['wall_s'],
+                             'deviation': result.get('deviation')}
+  return results
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking diagnostic.
+
+
+def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, calibration=20):
+  """Kendall tau between inherited-weight accuracy (SuperNet of the no-vital-priority search,
+  seed 0) and stand-alone accuracy, over the random architectures."""
+  from hournas_jax import data, ranking as ranking_lib, train  # pylint: disable=g-import-not-at-top
+  workdir = search_dir(out, RANKING_METHOD, 0)
+  setup = setup_fn(method_config(base, RANKING_METHOD, 0), workdir)
+  searcher, state = train.load_search_state(setup)
+  engine = searcher.engine(state['meta'])
+  weights = state['weights']
+
+  def batches(split, train_mode, count=None):
+    it = data.prefetch_to_mesh(data.make_batches(
+        setup.dataset, split, batch_size=batch_size, image_size=setup.image_size, seed=0,
+        train=train_mode, data_dir=setup.data_dir, channels=setup.channels), setup.mesh)
+    return ranking_lib.take(it, count) if count else list(it)
+
+  calib = batches('search_train', True, calibration)
+  evaluation = batches('search_val', False)
+  inherited = []
+  for ops in random_archs:
+    path = ranking_lib.path_of(setup.space, ops)
+    inherited.append(ranking_lib.inherited_accuracy(engine, weights, path, calib, evaluation))
+  tau = ranking_lib.kendall_tau(inherited, random_means)
+  return {'kendall_tau': tau, 'inherited_top1': inherited, 'supernet': workdir,
+          'evaluated_on': f'search_val ({sum(int(np.asarray(b["mask"]).sum()) for b in evaluation)}'
+                          ' images)'}
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+
+def percentile(value, population):
+  """Percent of the population below `value` (ties count half)."""
+  population = np.asarray(population)
+  return float(100.0 * (np.sum(population < value) + 0.5 * np.sum(population == value))
+               / len(population))
+
+
+def summarise(name, rows, random_means):
+  scores = [r['top1'] for r in rows]
+  return {'top1': scores, 'mean': float(np.mean(scores)),
+          'std': float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+          'percentiles': [percentile(v, random_means) for v in scores],
+          'median_percentile': float(np.median([percentile(v, random_means) for v in scores])),
+          'search_wall_s': [r['wall_s'] for r in rows],
+          'architectures': [r['ops'] for r in rows],
+          'params': [r['params'] for r in rows], 'flops': [r['flops'] for r in rows]}
+
+
+def markdown(report) -> str:
+  r = report['random']
+  lines = [f'Search quality on {report["dataset"]} ({report["space"]}), budget '
+           f'{report["targets"]["params"] / 1e3:.0f}k params / '
+           f'{report["targets"]["flops"] / 1e6:.2f}M FLOPs; every score is the mean test top-1 of '
+           f'{report["train_seeds"]} stand-alone trainings.', '',
+           '| method | archs | top-1 mean (%) | std (%) | percentile among random (each) | '
+           'median pct | search wall time (s) |', '|---|---|---|---|---|---|---|',
+           f'| random (within 5% of both targets) | {len(r["top1"])} | {100 * r["mean"]:.2f} | '
+           f'{100 * r["std"]:.2f} | 25th/50th/75th: {100 * r["p25"]:.2f} / {100 * r["p50"]:.2f}'
+           f' / {100 * r["p75"]:.2f} | | |']
+  for name, m in report['methods'].items():
+    pcts = ' '.join(f'{p:.0f}' for p in m['percentiles'])
+    lines.append(f'| {name} | {len(m["top1"])} | {100 * m["mean"]:.2f} | {100 * m["std"]:.2f} '
+                 f'| {pcts} | {m["median_percentile"]:.0f} | '
+                 f'{np.mean(m["search_wall_s"]):.0f} |')
+  n = report['noise']
+  lines += ['', f'Spread between random architectures (std of their means): '
+            f'{100 * r["std"]:.2f}%; training noise (mean std over seeds of one architecture): '
+            f'{100 * n["seed_std"]:.2f}%, so a 3-seed mean carries '
+            f'{100 * n["seed_std"] / math.sqrt(report["train_seeds"]):.2f}%.']
+  k = report.get('ranking') or {}
+  if k:
+    lines.append(f'Kendall tau (inherited-weight accuracy on D_val vs stand-alone, '
+                 f'{len(k["inherited_top1"])} random architectures, SuperNet of '
+                 f'{RANKING_METHOD} seed 0): {k["kendall_tau"]:.3f}.')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(path, report):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 3.2 + 0.35 * len(report['methods'])))
+  rows = [('random', report['random']['top1'])] + [(k, v['top1'])
+                                                   for k, v in report['methods'].items()]
+  for i, (name, values) in enumerate(rows):
+    jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(values))
+    ax.scatter(100 * np.asarray(values), i + jitter, s=22, alpha=0.8,
+               color='gray' if name == 'random' else f'C{i}')
+  for q in ('p25', 'p50', 'p75'):
+    ax.axvline(100 * report['random'][q], color='gray', lw=0.8, ls=':' if q != 'p50' else '-')
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([name for name, _ in rows])
+  ax.invert_yaxis()
+  ax.set_xlabel('stand-alone test top-1 (%), mean over training seeds')
+  ax.set_title('searched architectures among random ones of the same budget '
+               '(lines: random 25th/50th/75th percentiles)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from hournas_jax import checkpoint, population, train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  base = load_config(args)
+  try:
+    train.validate_config(base)
+  except train.ConfigError as e:
+    sys.exit(f'error: {e}')
+  train.configure_jax(base)
+  out = checkpoint.prepare_workdir(args.out)
+  workers = args.workers or (os.cpu_count() if jax.default_backend() == 'cpu' else 1)
+
+  def setup_fn(config, workdir):
+    return train.resolve_setup(config, workdir)
+
+  setup = setup_fn(base, out)
+  targets = {k: float(base.targets[k]) for k in ('params', 'flops') if base.targets[k]}
+  store_dir = os.path.join(out, 'population')
+
+  # Random architectures: the reference distribution.
+  random_archs = population.random_architectures(setup.space, targets, args.random, seed=0)
+  seeds = range(args.train_seeds)
+  random_records = population.train_population(
+      setup, [population.Member(ops, s, 'random') for ops in random_archs for s in seeds],
+      store_dir, workers=workers, log_prefix='[random]')
+  by_arch = population.mean_by_architecture(random_records)
+  random_means = [by_arch[tuple(ops)][0] for ops in random_archs]
+
+  # Searches: HourNAS, ablations, variants.
+  ablations = [a for a in args.ablations.split(',') if a]
+  variants = [v for v in args.variants.split(',') if v]
+  methods_seeds = [('hournas', s) for s in range(args.seeds)]
+  methods_seeds += [(m, s) for m in ablations + variants for s in range(args.ablation_seeds)]
+  searched = run_searches(base, out, methods_seeds, workers)
+  members = [population.Member(tuple(r['ops'][n] for n in setup.space.searchable_names), s, m)
+             for (m, _), r in searched.items() for s in seeds]
+  searched_records = population.train_population(setup, members, store_dir, workers=workers,
+                                                 log_prefix='[searched]')
+  searched_by_arch = population.mean_by_architecture(searched_records)
+
+  methods = {}
+  for method in ['hournas'] + ablations + variants:
+    rows = []
+    for (m, s), r in searched.items():
+      if m == method:
+        ops = tuple(r['ops'][n] for n in setup.space.searchable_names)
+        rows.append({**r, 'ops': list(ops), 'top1': searched_by_arch[ops][0], 'seed': s})
+    methods[method] = summarise(method, rows, random_means)
+
+  seed_stds = [v[1] for v in by_arch.values() if not math.isnan(v[1])]
+  report = {
+      'dataset': setup.dataset, 'space': setup.space.name, 'targets': targets,
+      'train_seeds': args.train_seeds,
+      'random': {'top1': random_means, 'architectures': [list(a) for a in random_archs],
+                 'mean': float(np.mean(random_means)),
+                 'std': float(np.std(random_means, ddof=1)),
+                 'p25': float(np.percentile(random_means, 25)),
+                 'p50': float(np.percentile(random_means, 50)),
+                 'p75': float(np.percentile(random_means, 75))},
+      'noise': {'seed_std': float(np.mean(seed_stds)) if seed_stds else float('nan')},
+      'methods': methods,
+  }
+  if RANKING_METHOD in ablations:
+    report['ranking'] = ranking(setup_fn, out, base, random_archs, random_means)
+  report['wall_s'] = time.time() - started
+  # The headline figures, flat, first: results.json is also the last line printed.
+  hournas = methods['hournas']
+  results = {
+      'random_top1': random_means,
+      'searched_top1': hournas['top1'],
+      'searched_percentiles': hournas['percentiles'],
+      'searched_median_percentile': hournas['median_percentile'],
+      'random_p75': report['random']['p75'],
+      'kendall_tau': (report.get('ranking') or {}).get('kendall_tau'),
+      'ablations': {k: {'top1': v['top1'], 'percentiles': v['percentiles'],
+                        'median_percentile': v['median_percentile'],
+                        'search_wall_s': v['search_wall_s']}
+                    for k, v in methods.items() if k != 'hournas'},
+      'search_wall_s': hournas['search_wall_s'],
+      'random_std': report['random']['std'], 'seed_std': report['noise']['seed_std'],
+      **report,
+  }
+  checkpoint.atomic_write_json(os.path.join(out, 'results.json'), results)
+  table = markdown(report)
+  checkpoint.atomic_write_text(os.path.join(out, 'results.md'), table)
+  plot(os.path.join(out, 'results.png'), report)
+  print(table, flush=True)
+  print(json.dumps(results, default=float), flush=True)
+
+
+if __name__ == '__main__':
+  main()

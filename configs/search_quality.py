@@ -1,0 +1,60 @@
+"""The search-quality task: does the search beat random architectures of the same budget?
+
+    python benchmarks/search_quality.py                       # the benchmark (uses this config)
+    python main.py --config=configs/search_quality.py --workdir=/tmp/sq   # one search + retraining
+
+Offline and CPU-sized: cluttered digits (hournas_jax/data/cluttered.py: scikit-learn's digits
+at a random position of a 24x24 canvas among fragments of other digits; a fixed 10,000-image
+test set), the shallow FBNet space of Table 6 (12 SuperBlocks, its 7 ops without the grouped
+ones) at width 0.25 with a stride-1 stem, so the 12 SuperBlocks see 24x24 down to 2x2 and
+kernel size and where capacity sits change the accuracy. The budget sits in the middle of the
+space (python -m hournas_jax.profile --space fbnet_shallow --resolution 24 ...).
+
+Retraining recipe (every architecture, searched or random, trained alike): SGD with momentum at
+0.2 x batch/256 (0.025 at batch 32; 0.1 and above diverges or stalls this narrow network),
+cosine, 20 epochs of the 1437 source digits, each epoch rendered afresh.
+"""
+
+from configs import default as default_lib
+
+
+def get_config():
+  config = default_lib.get_config()
+  config.space = 'fbnet_shallow'
+  config.width = 0.25
+  config.ops = 'k3e1,k3e3,k3e6,k5e1,k5e3,k5e6,skip'
+  config.stem_stride = 1
+  config.dataset = 'cluttered_digits'
+  config.image_size = 24
+  config.channels = 1
+  config.targets.params = 120e3
+  config.targets.flops = 1.45e6
+
+  s = config.search
+  s.batch_size = 32
+  s.vital_epochs = 10.0
+  s.nonvital_epochs = 10.0
+  s.tau_decay = 0.995
+  s.weight_lr = 0.025
+  s.arch_lr = 0.1
+  s.weight_sharing = 'nested'
+
+  config.retrain_after_search = True
+  config.random_baseline = False
+  t = config.train
+  t.epochs = 20.0
+  t.batch_size = 32
+  t.eval_batch_size = 1000
+  t.optimizer = 'sgd'
+  t.learning_rate = 0.2
+  t.lr_scaling = 'linear'
+  t.schedule = 'cosine'
+  t.warmup_epochs = 0.0
+  t.momentum = 0.9
+  t.weight_decay = 4e-5
+  t.label_smoothing = 0.1
+
+  config.checkpoint_every_steps = 200
+  config.log_every_steps = 100
+  config.proposal_samples = 2000
+  return config

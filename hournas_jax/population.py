@@ -1,0 +1,271 @@
+"""Population training: many architectures trained stand-alone with one recipe, resumably.
+
+The random baseline of a search, the search-quality benchmark and the block-sensitivity grid all
+need the same thing: train a list of (architecture, training seed) pairs from scratch with the
+recipe of config.train and evaluate each on the test split. Each finished member is appended as
+one JSON line to <directory>/population.jsonl:
+
+    {"ops": [...], "seed": 0, "recipe": "<fingerprint>", "top1": 0.93, "top5": 0.99,
+     "loss": 0.31, "params": 113410, "flops": 505664, "wall_s": 21.4, "tag": "random"}
+
+A rerun reads the file and skips every member already there with the same recipe fingerprint,
+so an interrupted population continues where it stopped (the architecture that was training
+starts over: its seeds are stored together when the last one ends; a half-written last line is
+ignored). Members train on all local
+devices (the retraining program is data-parallel over the mesh); the training seeds of one
+architecture share its compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from hournas_jax import arch as arch_lib
+from hournas_jax import costs, data, logging_utils, retrain
+
+FILENAME = 'population.jsonl'
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One stand-alone training: an architecture (one op per searchable layer) and a seed."""
+  ops: tuple[str, ...]
+  seed: int
+  tag: str = ''
+
+
+def recipe_fingerprint(setup) -> str:
+  """A short hash of everything a member's result depends on besides its ops and seed."""
+  space = setup.space
+  train = {k: v for k, v in sorted(setup.config.train.to_dict().items())
+           if k not in ('arch', 'eval_batch_size', 'eval_every_steps')}
+  fields = {'dataset': setup.dataset, 'image_shape': list(setup.image_shape),
+            'space': space.name, 'width': space.width, 'space_ops': list(space.op_names),
+            'layers': [(l.name, l.in_channels, l.out_channels, l.stride) for l in space.layers],
+            'num_classes': space.num_classes, 'train': train}
+  text = json.dumps(fields, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Store:
+  """The JSON-lines file of finished members. Appends are whole lines, flushed and synced, so
+  a crash loses at most the member that was being written, never an earlier one."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.path = os.path.join(directory, FILENAME)
+
+  def records(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    out = []
+    with open(self.path) as f:
+      for line in f:
+        line = line.strip()
+        if not line:
+          continue
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue  # the tail of a write that was cut short
+    return out
+
+  def done(self, recipe: str) -> dict[tuple[tuple[str, ...], int], dict]:
+    """{(ops, seed): record} of the members finished with this recipe."""
+    return {(tuple(r['ops']), int(r['seed'])): r for r in self.records()
+            if r.get('recipe') == recipe}
+
+  def append(self, record: dict) -> None:
+    os.makedirs(self.directory, exist_ok=True)
+    text = json.dumps(record, sort_keys=True)
+    # A line cut short by a crash may lack its newline; start on a fresh line after it.
+    prefix = ''
+    if os.path.exists(self.path) and os.path.getsize(self.path):
+      with open(self.path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        prefix = '' if f.read(1) == b'\n' else '\n'
+    with open(self.path, 'a') as f:
+      f.write(prefix + text + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def train_member(setup, ops: Sequence[str], seed: int) -> dict:
+  """Trains `ops` from scratch with config.train and training seed `seed`; evaluates it on the
+  test split. Returns top1, top5, loss, examples and wall_s (no checkpoints are written)."""
+  tcfg = setup.config.train
+  steps_per_epoch = data.steps_per_epoch(setup.dataset, 'train', tcfg.batch_size,
+                                         data_dir=setup.data_dir)
+  total = retrain.total_steps(tcfg, steps_per_epoch)
+  start = time.time()
+  trainer = retrain.Retrainer(setup.space, ops, tcfg, image_shape=setup.image_shape,
+                              steps_per_epoch=steps_per_epoch, total_steps=total,
+                              mesh=setup.mesh, seed=seed)
+  state = trainer.init()
+  batches = data.prefetch_to_mesh(
+      data.make_batches(setup.dataset, 'train', batch_size=tcfg.batch_size,
+                        image_size=setup.image_size, seed=seed, train=True,
+                        data_dir=setup.data_dir, channels=setup.channels), setup.mesh)
+  for _ in range(total):
+    state, _ = trainer.train_step(state, next(batches))
+  if not bool(trainer.all_finite(state['params'])):
+    raise retrain.TrainingError(f'population: the weights of {",".join(ops)} (seed {seed}) '
+                                'became non-finite; try a lower config.train.learning_rate')
+  results = trainer.evaluate(state, retrain.eval_batches(setup, tcfg.eval_batch_size))
+  return {**results, 'wall_s': time.time() - start}
+
+
+def _describe(record: dict) -> str:
+  return (f'{record["tag"] or "member"} seed {record["seed"]}: top-1 '
+          f'{100 * record["top1"]:.2f}% ({record["wall_s"]:.0f} s) {",".join(record["ops"])}')
+
+
+def _train_architecture(setup, recipe: str, members: Sequence[Member]) -> list[dict]:
+  """Records of the members of one architecture (its seeds share the compiled programs)."""
+  tables = costs.cost_tables(setup.space)
+  out = []
+  for member in members:
+    architecture = arch_lib.Architecture(setup.space.name, tuple(member.ops))
+    params, flops = tables.cost(architecture.indices(setup.space))
+    result = train_member(setup, member.ops, member.seed)
+    out.append({'ops': list(member.ops), 'seed': int(member.seed), 'recipe': recipe,
+                'tag': member.tag, 'params': params, 'flops': flops,
+                **{k: result[k] for k in ('top1', 'top5', 'loss', 'wall_s')}})
+  return out
+
+
+# A worker process's setup, built once by `_init_worker`.
+_WORKER_SETUP = None
+
+
+def _init_worker(config, workdir):
+  global _WORKER_SETUP
+  from hournas_jax import train  # pylint: disable=g-import-not-at-top
+  train.configure_jax(config)
+  _WORKER_SETUP = train.resolve_setup(config, workdir)
+
+
+def _worker_task(args):
+  recipe, members = args
+  return _train_architecture(_WORKER_SETUP, recipe, members)
+
+
+def worker_pool(config, workdir: str, workers: int):
+  """A pool of `workers` processes for CPU-bound jobs (population members, searches).
+
+  On a CPU the networks here are small enough that one XLA:CPU program keeps about one core
+  busy, so several single-threaded processes train several networks at once. Processes are
+  spawned (not forked: JAX is initialised in this one) with XLA's intra-op threading off.
+  """
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_cpu_multi_thread_eigen' not in flags:
+    os.environ['XLA_FLAGS'] = (flags + ' --xla_cpu_multi_thread_eigen=false').strip()
+  try:
+    return multiprocessing.get_context('spawn').Pool(
+        workers, initializer=_init_worker, initargs=(config, workdir))
+  finally:
+    os.environ['XLA_FLAGS'] = flags
+    if not flags:
+      del os.environ['XLA_FLAGS']
+
+
+def train_population(setup, members: Iterable[Member], directory: str, *, workers: int = 1,
+                     log_prefix: str = '[population]') -> list[dict]:
+  """Trains every member not yet in <directory>/population.jsonl; returns the records of all
+  `members` (finished earlier or now), in order.
+
+  workers > 1 trains architectures in that many processes at once (CPU only: each process
+  would claim every accelerator); results are appended by this process alone.
+  """
+  members = list(members)
+  store = Store(directory)
+  recipe = recipe_fingerprint(setup)
+  done = store.done(recipe)
+  todo, queued = [], set()
+  for m in members:  # several methods can find one architecture: train it once
+    key = (tuple(m.ops), int(m.seed))
+    if key not in done and key not in queued:
+      queued.add(key)
+      todo.append(m)
+  if not todo:
+    return [done[tuple(m.ops), int(m.seed)] for m in members]
+  logging_utils.info(f'{log_prefix} {len(members) - len(todo)} of {len(members)} members '
+                     f'already trained in {store.path}; training {len(todo)}'
+                     + (f' in {workers} processes' if workers > 1 else ''))
+  by_architecture: dict[tuple[str, ...], list[Member]] = {}
+  for m in todo:
+    by_architecture.setdefault(tuple(m.ops), []).append(m)
+  tasks = [(recipe, group) for group in by_architecture.values()]
+  finished = 0
+
+  def record_all(records):
+    nonlocal finished
+    for record in records:
+      if jax.process_index() == 0:
+        store.append(record)
+      done[tuple(record['ops']), int(record['seed'])] = record
+      finished += 1
+      logging_utils.info(f'{log_prefix} {finished}/{len(todo)} {_describe(record)}')
+
+  if workers > 1 and len(tasks) > 1 and jax.default_backend() == 'cpu':
+    with worker_pool(setup.config, setup.workdir, workers) as pool:
+      for records in pool.imap_unordered(_worker_task, tasks):
+        record_all(records)
+  else:
+    for _, group in tasks:
+      record_all(_train_architecture(setup, recipe, group))
+  return [done[tuple(m.ops), int(m.seed)] for m in members]
+
+
+def mean_by_architecture(records: Sequence[dict], key: str = 'top1') -> dict:
+  """{ops tuple: (mean, std over seeds, number of seeds)} of `key`, in first-seen order."""
+  groups: dict[tuple[str, ...], list[float]] = {}
+  for r in records:
+    groups.setdefault(tuple(r['ops']), []).append(float(r[key]))
+  return {ops: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v))
+          for ops, v in groups.items()}
+
+
+def random_architectures(space, targets: dict, count: int, seed: int,
+                         tolerance: float = 0.05, max_draws: int = 200000) -> list[tuple]:
+  """`count` distinct architectures drawn uniformly (each layer's op uniform over its
+  candidates) and kept when within `tolerance` of every target in `targets`
+  ({'params': ..., 'flops': ...}, the ones set). The reference distribution of a budget."""
+  tables = costs.cost_tables(space)
+  rng = np.random.default_rng([seed, 0x52414E44])
+  rows = np.arange(tables.mask.shape[0])
+  found: list[tuple] = []
+  seen = set()
+  drawn = 0
+  while len(found) < count and drawn < max_draws:
+    n = 20000
+    u = np.where(tables.mask[None], rng.random((n, *tables.mask.shape)), -1.0)
+    idx = u.argmax(-1)
+    drawn += n
+    values = {'params': tables.fixed_params + tables.params[rows, idx].sum(-1),
+              'flops': tables.fixed_flops + tables.flops[rows, idx].sum(-1)}
+    ok = np.ones(n, bool)
+    for key, target in targets.items():
+      ok &= np.abs(values[key] - target) <= tolerance * target
+    for i in np.flatnonzero(ok):
+      ops = tuple(space.op_names[j] for j in idx[i])
+      if ops not in seen:
+        seen.add(ops)
+        found.append(ops)
+        if len(found) == count:
+          break
+  if len(found) < count:
+    raise ValueError(f'only {len(found)} of {count} uniform random architectures of '
+                     f'{space.name} fall within {tolerance:.0%} of the targets {targets} in '
+                     f'{drawn} draws; widen the targets or lower the count')
+  return found
