@@ -11,7 +11,8 @@ recipe (config.train) and --train-seeds seeds each:
   priority (HourNAS-G/H, one stage with twice the search steps), Gumbel-softmax sampling
   (HourNAS-I), one space proposal (m = 1; HourNAS uses the config's m, 8);
 - any --variants of the search (Algorithm 1's epoch schedule, the literal temperature,
-  separate weights per candidate) for choosing the defaults.
+  separate weights per candidate, the REINFORCE architecture gradient) for choosing the
+  defaults.
 It also measures how well a trained SuperNet ranks architectures: Kendall tau between the
 accuracy of the random architectures with weights inherited from the SuperNet of the
 no-vital-priority search (every layer searchable; BatchNorm statistics recalibrated on training
@@ -38,21 +39,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-# What each method changes in config.search (the HourNAS row is the config itself). The
-# no-vital-priority ablation gets twice the counterparts' search steps, as the paper gives it.
+from configs.ablations import gumbel_softmax  # pylint: disable=wrong-import-position
+from configs.ablations import no_vital_priority  # pylint: disable=wrong-import-position
+from configs.ablations import num_proposals  # pylint: disable=wrong-import-position
+
+# How each method changes config.search (the HourNAS row is the config itself): the paper's
+# ablations as configs/ablations/ define them (the no-vital-priority search gets twice the
+# counterparts' steps, as the paper gives it), and variants of the search for its defaults.
 ABLATIONS = {
-    'no_vital_priority': lambda s: dict(vital_priority=False, vital_epochs=0.0,
-                                        nonvital_epochs=2 * (s.vital_epochs + s.nonvital_epochs)),
-    'gumbel_softmax': lambda s: dict(sampler='gumbel_softmax'),
-    'one_proposal': lambda s: dict(num_proposals=1),
+    'no_vital_priority': no_vital_priority.ablate,
+    'gumbel_softmax': gumbel_softmax.ablate,
+    'one_proposal': lambda s: num_proposals.ablate(s, 1),
 }
+
+
+def _setter(field, value):
+  return lambda s: s.__setitem__(field, value)
+
+
 VARIANTS = {
-    'epoch_schedule': lambda s: dict(schedule='epoch'),
-    'relaxed_temperature': lambda s: dict(temperature='relaxed'),
-    'separate_weights': lambda s: dict(weight_sharing='none'),
-    'nested_weights': lambda s: dict(weight_sharing='nested'),
-    'interleaved_schedule': lambda s: dict(schedule='interleaved'),
-    'logits_temperature': lambda s: dict(temperature='logits'),
+    'epoch_schedule': _setter('schedule', 'epoch'),
+    'interleaved_schedule': _setter('schedule', 'interleaved'),
+    'relaxed_temperature': _setter('temperature', 'relaxed'),
+    'logits_temperature': _setter('temperature', 'logits'),
+    'separate_weights': _setter('weight_sharing', 'none'),
+    'nested_weights': _setter('weight_sharing', 'nested'),
+    'reinforce': _setter('arch_gradient', 'reinforce'),
+    'straight_through': _setter('arch_gradient', 'straight_through'),
 }
 RANKING_METHOD = 'no_vital_priority'
 
@@ -140,13 +153,9 @@ def load_config(args):
 
 def method_config(base, method: str, seed: int):
   config = copy.deepcopy(base)
-  overrides = {}
-  if method in ABLATIONS:
-    overrides = ABLATIONS[method](config.search)
-  elif method in VARIANTS:
-    overrides = VARIANTS[method](config.search)
-  for key, value in overrides.items():
-    config.search[key] = value
+  change = ABLATIONS.get(method) or VARIANTS.get(method)
+  if change is not None:
+    change(config.search)
   config.seed = seed
   return config
 

@@ -1,7 +1,7 @@
 """Step time of the single-path SuperNet against the fixed network and all-candidates steps.
 
 FBNet space (22 SuperBlocks, 9 ops, 1984-channel head), 32x32 input, batch 64, one SGD step
-(forward, backward, update), as in ../shared/notes/cpu-switch-probe.md. Prints figures and
+(forward, backward, update), as in docs/cpu-performance.md. Prints figures and
 ratios; the last line is JSON with single_path_ms, fixed_ms, all_ops_ms, compile_s,
 peak_rss_mb. Timings are medians over steps whose programs are already compiled.
 

@@ -19,7 +19,9 @@ Schema (every field, with its meaning):
   targets.params/flops  resource targets T_i (0.0 = no target on that resource).
   search.*              the search (see below); passed to hournas_jax.search.Searcher.
   retrain_after_search  search mode: retrain the found architecture right after the search.
-  random_baseline       also retrain a random architecture of the same budget the same way.
+  random_baseline       also train random architectures of the same budget and the searched
+                        one with several seeds (baseline.*: how many, seeds, processes) and
+                        report where the searched one falls among them, against the noise.
   train.*               the retraining recipe (see below).
   checkpoint_every_steps, keep_checkpoints, log_every_steps, tensorboard, proposal_samples,
   xla_fast_compile, compilation_cache_dir, multi_host   see the comments below.
@@ -60,6 +62,11 @@ def get_search_config() -> ml_collections.ConfigDict:
   s.weight_sharing = 'none'  # 'none': each candidate owns its weights (the paper) | 'nested':
                              # a layer's candidates share kernels (centre / first channels of
                              # the largest), as superkernel and once-for-all SuperNets
+  s.arch_gradient = 'straight_through'  # how theta / Theta / pi learn from the D_val loss:
+                             # 'straight_through' = the paper's differentiable estimator (the
+                             # gates' d loss / d A through the ST sample; forward + backward);
+                             # 'reinforce' = score function (L - b) * grad log p(A), b a moving
+                             # average of the loss: unbiased, forward-only (gumbel_max only)
   return s
 
 
@@ -91,6 +98,15 @@ def get_train_config() -> ml_collections.ConfigDict:
   return t
 
 
+def get_baseline_config() -> ml_collections.ConfigDict:
+  """The comparison with random architectures of the same budget (config.random_baseline)."""
+  b = ml_collections.ConfigDict()
+  b.architectures = 6        # random architectures within 5% of the targets
+  b.seeds = 2                # training seeds of each (and of the searched one): the noise
+  b.workers = 0              # processes training at once; 0 = one per core on a CPU, 1 else
+  return b
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = 'search'
@@ -113,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.search = get_search_config()
   config.retrain_after_search = True
   config.random_baseline = False
+  config.baseline = get_baseline_config()
   config.train = get_train_config()
 
   config.checkpoint_every_steps = 1000  # and at every stage boundary / the end of a phase

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from hournas_jax import arch as arch_lib
-from hournas_jax import costs, data, logging_utils, retrain
+from hournas_jax import costs, data, logging_utils, retrain, spaces
 
 FILENAME = 'population.jsonl'
 
@@ -265,7 +265,7 @@ def random_architectures(space, targets: dict, count: int, seed: int,
         if len(found) == count:
           break
   if len(found) < count:
-    raise ValueError(f'only {len(found)} of {count} uniform random architectures of '
+    raise spaces.SpaceError(f'only {len(found)} of {count} uniform random architectures of '
                      f'{space.name} fall within {tolerance:.0%} of the targets {targets} in '
                      f'{drawn} draws; widen the targets or lower the count')
   return found

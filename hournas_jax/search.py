@@ -23,6 +23,17 @@ Temperature (`search.temperature`): 'logits' samples from softmax(theta / tau); 
 samples argmax(theta + g) and lets tau act only in the straight-through relaxation (see
 `sampling.py`).
 
+Architecture gradient (`search.arch_gradient`): 'straight_through' (the paper's) takes d loss / d A
+from the network's gates through the straight-through sample A (a forward and a backward pass
+of the sampled path); 'reinforce' takes the score-function estimator (L - b) * grad log p(A),
+L the D_val cross-entropy of the sampled path and b a baseline (an exponential moving average of
+the stage's past D_val losses, kept in the state as `arch_baseline`): unbiased for the gradient
+of the expected loss, and needing only the forward pass. log p(A) is that of the sampler: the
+vital layers' log softmax(theta / tau) (softmax(theta) with 'relaxed'), and in stage 2
+log softmax(pi)[k] plus proposal k's, so pi and Theta both learn; the resource term keeps its
+straight-through gradient. The Gumbel-softmax ablation runs every candidate and has no sampled
+path: it keeps the straight-through / relaxed gradients.
+
 Layers of the space's `supernet_fixed` (EfficientNet's layer1_1, Table 14) keep their op from
 the start: they are neither vital blocks to search nor layers of the proposals, and their cost
 joins the fixed offset like the vital ops'.
@@ -56,6 +67,10 @@ STAGES = ('vital', 'nonvital', 'done')
 WEIGHT_SHARING = ('none', 'nested')
 SCHEDULES = ('interleaved', 'epoch')
 TEMPERATURES = sampling.TAU_MODES
+# How the architecture parameters get their gradient from the D_val loss: 'straight_through'
+# (the paper: d loss / d A through the straight-through sample) or 'reinforce' (score function).
+ARCH_GRADIENTS = ('straight_through', 'reinforce')
+BASELINE_DECAY = 0.9  # of the REINFORCE baseline's moving average
 _COUNTERS = ('step', 'tr_step', 'val_step', 'stage_step')
 # The exact search over the vital blocks' joint choices scores at most this many at once.
 _CHOICE_CHUNK = 2 ** 20
@@ -120,6 +135,43 @@ def best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
   return best
 
 
+def path_log_prob(theta, idx, tau=1.0, mask=None, tau_mode: str = 'logits'):
+  """log p(idx) of a Gumbel-Max sample from theta [L, O]: the sum over layers of
+  log softmax(theta_l / tau)[idx_l] (log softmax(theta_l) with tau_mode 'relaxed'), over the
+  ops `mask` [L, O] allows. Pure and jittable."""
+  logits = sampling.masked_logits(theta, sampling.sampling_tau(tau, tau_mode), mask)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.sum(jnp.take_along_axis(log_p, jnp.asarray(idx)[..., None], axis=-1))
+
+
+def two_level_log_prob(thetas, pi, k, idx, tau=1.0, mask=None, tau_mode: str = 'logits'):
+  """log p(k, idx) of a two-level sample (Appendix C): proposal k from softmax(pi), then idx
+  from proposal k's theta (`path_log_prob`). thetas [m, L, O], pi [m]."""
+  return (jax.nn.log_softmax(pi)[k]
+          + path_log_prob(jnp.take(thetas, k, axis=0), idx, tau, mask, tau_mode))
+
+
+def baseline_step(baseline, loss, decay: float = BASELINE_DECAY):
+  """(b, next baseline): the baseline for this step's `loss`, the moving average of the
+  stage's earlier losses, and that average once `loss` joins it. NaN stands for a stage with no
+  loss yet: the first loss initialises the average (so the first step's L - b is 0)."""
+  loss = jnp.asarray(loss, jnp.float32)
+  b = jnp.where(jnp.isnan(baseline), loss, baseline)
+  return b, b + (1.0 - decay) * (loss - b)  # decay * b + (1 - decay) * loss, exact at loss = b
+
+
+def reinforce_grads(log_prob, params, loss, baseline):
+  """The score-function estimate (loss - baseline) * grad log_prob(params) of the gradient of
+  the expected loss with respect to `params` (a pytree); log_prob(params) is the log-probability
+  of the sample that gave `loss`. Pure and jittable."""
+  advantage = jax.lax.stop_gradient(jnp.asarray(loss, jnp.float32) - baseline)
+  return jax.tree.map(lambda g: advantage * g, jax.grad(log_prob)(params))
+
+
+def _no_baseline():
+  return jnp.full((), jnp.nan, jnp.float32)
+
+
 class Searcher:
   """Runs Algorithm 1 one iteration at a time; the caller owns data, checkpoints and logging.
 
@@ -151,6 +203,14 @@ class Searcher:
     if self.tau_mode not in TEMPERATURES:
       raise SearchError(f'search.temperature must be one of {", ".join(TEMPERATURES)}, got '
                         f'{self.tau_mode!r}')
+    self.arch_gradient = cfg.get('arch_gradient', 'straight_through')
+    if self.arch_gradient not in ARCH_GRADIENTS:
+      raise SearchError(f'search.arch_gradient must be one of {", ".join(ARCH_GRADIENTS)}, got '
+                        f'{self.arch_gradient!r}')
+    self.reinforce = self.arch_gradient == 'reinforce'
+    if self.reinforce and cfg.sampler != 'gumbel_max':
+      raise SearchError(f"search.arch_gradient 'reinforce' needs search.sampler 'gumbel_max' (a "
+                        f"sampled path), got {cfg.sampler!r}; use 'straight_through' with it")
     self.steps_per_epoch = (int(tr_steps_per_epoch), int(val_steps_per_epoch))
     if self.schedule == 'epoch' and min(self.steps_per_epoch) < 1:
       raise SearchError(f"search.schedule 'epoch' needs at least one step per epoch of D_tr and "
@@ -247,6 +307,8 @@ class Searcher:
     else:
       state['arch'] = arch
       state['arch_opt'] = self._arch_tx.init(arch)
+      if self.reinforce:
+        state['arch_baseline'] = _no_baseline()
     return state
 
   def stage(self, state) -> str:
@@ -357,7 +419,10 @@ class Searcher:
       # theta / final_tau is the fitted distribution itself (final_tau is 1 by default).
       thetas = thetas / float(final_tau)
     arch = {'thetas': thetas, 'pi': jnp.zeros((int(self.cfg.num_proposals),))}
-    return {'arch': arch, 'arch_opt': self._arch_tx.init(arch)}
+    out = {'arch': arch, 'arch_opt': self._arch_tx.init(arch)}
+    if self.reinforce:  # the baseline averages the losses of the current stage only
+      out['arch_baseline'] = _no_baseline()
+    return out
 
   def _stage2_tables(self, meta):
     _, tables, mask, offset = proposals.restrict_tables(
@@ -365,7 +430,8 @@ class Searcher:
     return (jnp.asarray(tables, jnp.float32), jnp.asarray(mask), jnp.asarray(offset, jnp.float32))
 
   # ------------------------------------------------------------------------------------------
-  # Sampling: (op indices [L], and a function of the arch params giving the ST one-hot A).
+  # Sampling: (op indices [L], and a function of the arch params giving the ST one-hot A), and
+  # the log-probability of the sample a key draws (for REINFORCE).
 
   def _sample_fn(self, meta):
     layers = self.choice_layers(meta)
@@ -388,14 +454,24 @@ class Searcher:
         _, idx, a = proposals.two_level_straight_through(key, arch['thetas'], arch['pi'], tau,
                                                          mask, tau_mode=tau_mode)
         return idx, a
-    return layers, sample
+
+    def log_prob(arch, key, tau):
+      """log p of the sample `sample(arch, key, tau)` draws, as a function of arch."""
+      if meta['stage'] == 'vital':
+        idx, _ = sampling.gumbel_max(key, arch['theta'], tau, mask, tau_mode)
+        return path_log_prob(arch['theta'], jax.lax.stop_gradient(idx), tau, mask, tau_mode)
+      k, idx, _ = proposals.two_level_straight_through(key, arch['thetas'], arch['pi'], tau,
+                                                       mask, tau_mode=tau_mode)
+      k, idx = jax.lax.stop_gradient(k), jax.lax.stop_gradient(idx)
+      return two_level_log_prob(arch['thetas'], arch['pi'], k, idx, tau, mask, tau_mode)
+    return layers, sample, log_prob
 
   def _jitted(self, meta):
     """The jitted sample and architecture-update functions of a stage (cached)."""
     cache_key = (meta['stage'], tuple(sorted((meta.get('vital_ops') or {}).items())))
     if getattr(self, '_jit_key', None) == cache_key:
       return self._jit_fns
-    layers, sample = self._sample_fn(meta)
+    layers, sample, log_prob = self._sample_fn(meta)
     stage2 = meta['stage'] == 'nonvital'
     tables = self._stage2_tables(meta) if stage2 else None
     alpha = float(self.cfg.alpha)
@@ -424,7 +500,23 @@ class Searcher:
       updates, opt_state = self._arch_tx.update(grads, opt_state, arch)
       return optax.apply_updates(arch, updates), opt_state
 
-    self._jit_key, self._jit_fns = cache_key, (layers, sample_ops, update)
+    @jax.jit
+    def update_reinforce(arch, opt_state, key, tau, loss, baseline):
+      # loss: the D_val cross-entropy of the path sample(arch, key, tau) drew. The estimate
+      # (L - b) * grad log p(A), plus in stage 2 the resource term's straight-through gradient.
+      b, new_baseline = baseline_step(baseline, loss)
+      grads = reinforce_grads(lambda p: log_prob(p, key, tau), arch, loss, b)
+      if stage2:
+        def resource(arch):
+          _, a = sample(arch, key, tau)
+          t, _, offset = tables
+          return alpha * proposals.resource_loss(a, t, offset, targets, maxima, active)
+        grads = jax.tree.map(jnp.add, grads, jax.grad(resource)(arch))
+      updates, opt_state = self._arch_tx.update(grads, opt_state, arch)
+      return optax.apply_updates(arch, updates), opt_state, new_baseline
+
+    self._jit_key = cache_key
+    self._jit_fns = (layers, sample_ops, update_reinforce if self.reinforce else update)
     return self._jit_fns
 
   # ------------------------------------------------------------------------------------------
@@ -466,9 +558,16 @@ class Searcher:
     if needs_val:
       key = self._key(state, 1)
       idx, a = sample_ops(state['arch'], key, tau)
-      weights, val_metrics, grad_a = self._arch_grads(engine, state['weights'], val_batch,
-                                                      layers, idx, a)
-      arch, arch_opt = update(state['arch'], state['arch_opt'], key, tau, grad_a)
+      if self.reinforce:
+        weights, val_metrics = self._val_loss(engine, state['weights'], val_batch, layers, idx)
+        arch, arch_opt, baseline = update(state['arch'], state['arch_opt'], key, tau,
+                                          jnp.asarray(val_metrics['loss'], jnp.float32),
+                                          state['arch_baseline'])
+        state = {**state, 'arch_baseline': baseline}
+      else:
+        weights, val_metrics, grad_a = self._arch_grads(engine, state['weights'], val_batch,
+                                                        layers, idx, a)
+        arch, arch_opt = update(state['arch'], state['arch_opt'], key, tau, grad_a)
       state = {**state, 'weights': weights, 'arch': arch, 'arch_opt': arch_opt}
       counters['val_step'] += 1
       out['val_loss'] = float(val_metrics['loss'])
@@ -504,6 +603,11 @@ class Searcher:
     grad_a = jnp.stack([jax.nn.one_hot(idx[i], num_ops) * gates.get(n, 0.0)
                         for i, n in enumerate(layers)])
     return weights, metrics, grad_a
+
+  def _val_loss(self, engine, weights, batch, layers, idx):
+    """(weights with new BN statistics, metrics): the sampled path's D_val loss, forward only
+    (REINFORCE)."""
+    return engine.path_loss(weights, batch['image'], batch['label'], self._path(layers, idx))
 
   def _path(self, layers, idx) -> dict:
     idx = np.asarray(idx)
@@ -624,8 +728,11 @@ class Searcher:
       arch = {'thetas': jnp.zeros((m, len(layers), len(self.space.op_names))),
               'pi': jnp.zeros((m,))}
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-    return {'weights': weights, 'arch': abstract(arch),
-            'arch_opt': jax.eval_shape(self._arch_tx.init, arch),
-            'key': jax.ShapeDtypeStruct((2,), jnp.uint32),
-            'counters': {k: jax.ShapeDtypeStruct((), jnp.int32) for k in _COUNTERS},
-            'seed': jax.ShapeDtypeStruct((), jnp.int32)}
+    out = {'weights': weights, 'arch': abstract(arch),
+           'arch_opt': jax.eval_shape(self._arch_tx.init, arch),
+           'key': jax.ShapeDtypeStruct((2,), jnp.uint32),
+           'counters': {k: jax.ShapeDtypeStruct((), jnp.int32) for k in _COUNTERS},
+           'seed': jax.ShapeDtypeStruct((), jnp.int32)}
+    if self.reinforce:
+      out['arch_baseline'] = jax.ShapeDtypeStruct((), jnp.float32)
+    return out

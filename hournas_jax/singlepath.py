@@ -1,7 +1,7 @@
 """Single-path SuperNet steps: each step computes only the sampled op of every layer.
 
 Why not one compiled program with `lax.switch` per layer: on XLA:CPU the gradient of a conv
-inside a conditional takes a slow path (../shared/notes/cpu-switch-probe.md: 10x the fixed
+inside a conditional takes a slow path (docs/cpu-performance.md: 10x the fixed
 network, slower than computing every candidate). Here each sampled candidate runs as its own
 compiled program, cached per (block configuration, input shape) -- blocks are hashable linen
 modules, so the 4 same-shaped layers of a stage share programs -- and Python chains them:
@@ -175,6 +175,22 @@ class SinglePathEngine:
           _take(opt, name, c.param_keys), inputs[i], gy, lr)
       _put(params, name, p), _put(opt, name, o)
     return {'params': params, 'batch_stats': new_stats, 'opt_state': opt}, metrics
+
+  def path_loss(self, state, images, labels, path: Mapping[str, str]):
+    """Loss of the sampled path, forward only (the score-function architecture gradient).
+
+    As `arch_grads` without the backward pass through the blocks: weights are not updated,
+    BatchNorm running statistics are, the same way. Returns (state, metrics).
+    """
+    chain, _, x, new_stats = self._run_forward(state, images, path)
+    params, stats = state['params'], state['batch_stats']
+    name, op = chain[-1]
+    c = self._candidates[name, op]
+    metrics, _, _, _, s = self._head_loss(
+        c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+        _take(state['opt_state'], name, c.param_keys), x, labels, 0.0)
+    _put(new_stats, name, s)
+    return {**state, 'batch_stats': new_stats}, metrics
 
   def arch_grads(self, state, images, labels, path: Mapping[str, str]):
     """Loss of the sampled path and d loss / d A[l, o_l] for every choice layer.

@@ -4,7 +4,8 @@ Modes (config.mode):
 - 'search': the two HourNAS stages (vital blocks, then non-vital blocks under the space
   proposals), then the result: arch.json, summary.txt and plots in the workdir; then, with
   config.retrain_after_search, retraining of the found architecture (workdir/train) and, with
-  config.random_baseline, of a random architecture of the same budget (workdir/random).
+  config.random_baseline, a comparison with random architectures of the same budget
+  (workdir/baseline, comparison.json).
 - 'train': trains config.train.arch from scratch ('' = the workdir's arch.json, a preset name,
   a JSON file or comma-separated ops), and the random baseline when configured.
 - 'eval': loads the trained model(s) saved in the workdir and evaluates them.
@@ -15,7 +16,8 @@ Workdir layout:
     search/checkpoints  orbax checkpoints of the search state
     arch.json, summary.txt, theta.png, pi.png, proposals.png   the search result
     train/checkpoints, train/results.json     retraining of the searched (or given) arch
-    random/...          retraining of the random baseline; comparison.json
+    baseline/population.jsonl, comparison.json   the searched architecture and random ones
+                        of its budget, trained with several seeds (config.baseline)
     eval_results.json   written by 'eval' mode
     tensorboard/<phase> event files
 Every run continues from the latest complete checkpoint of the phase it is in, so a killed run
@@ -27,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -128,7 +130,8 @@ def validate_config(config) -> None:
          'config.search.tau0 must be > 0 and config.search.tau_decay in (0, 1]')
   from hournas_jax import search  # pylint: disable=g-import-not-at-top
   for key, allowed in (('schedule', search.SCHEDULES), ('temperature', search.TEMPERATURES),
-                       ('weight_sharing', search.WEIGHT_SHARING)):
+                       ('weight_sharing', search.WEIGHT_SHARING),
+                       ('arch_gradient', search.ARCH_GRADIENTS)):
     _check(s[key] in allowed, f'config.search.{key} must be one of {", ".join(allowed)}, got '
            f'{s[key]!r}')
   _check(config.stem_stride in (1, 2), f'config.stem_stride must be 1 or 2, got '
@@ -151,6 +154,10 @@ def validate_config(config) -> None:
   _check(0 <= t.ema_decay < 1, 'config.train.ema_decay must be in [0, 1)')
   _check(t.warmup_epochs >= 0 and t.decay_epochs > 0, 'config.train.warmup_epochs must be >= 0'
          ' and decay_epochs > 0')
+  b = config.baseline
+  _check(b.architectures >= 2 and b.seeds >= 1 and b.workers >= 0,
+         'config.baseline.architectures must be >= 2, baseline.seeds >= 1 and baseline.workers '
+         '>= 0')
   _check(config.checkpoint_every_steps > 0, 'config.checkpoint_every_steps must be positive')
   _check(config.log_every_steps > 0, 'config.log_every_steps must be positive')
   _check(config.keep_checkpoints >= 1, 'config.keep_checkpoints must be >= 1')
@@ -219,11 +226,7 @@ def _train_phases(setup: Setup, ops: Sequence[str]) -> dict:
   results = {'train': retrain.run(setup.config, setup, os.path.join(setup.workdir, 'train'),
                                   ops, phase='train')}
   if setup.config.random_baseline:
-    random_ops, budget = random_architecture(setup.space, setup.config.targets, ops,
-                                             setup.config.seed)
-    results['random'] = retrain.run(setup.config, setup, os.path.join(setup.workdir, 'random'),
-                                    random_ops, phase='random')
-    results['comparison'] = compare(setup, ops, random_ops, results, budget)
+    results['comparison'] = compare_with_random(setup, ops)
   return results
 
 
@@ -243,49 +246,91 @@ def resolve_architecture(setup: Setup) -> list[str]:
   return list(arch_lib.resolve(spec, setup.space).ops)
 
 
-def random_architecture(space: spaces.SearchSpace, targets, ops: Sequence[str], seed: int,
-                        tolerance: float = 0.05, samples: int = 20000):
-  """A uniformly random architecture with the same budget: the first of `samples` uniform draws
-  within `tolerance` of every target that is set (of the given architecture's params and FLOPs
-  when none is), else the closest draw.
-
-  Returns (ops, budget {'params': ..., 'flops': ...}).
-  """
-  tables = costs.cost_tables(space)
-  own = tables.cost(arch_lib.Architecture(space.name, tuple(ops)).indices(space))
+def baseline_budget(space: spaces.SearchSpace, targets, ops: Sequence[str]) -> dict:
+  """The targets that are set, or the architecture's own params and FLOPs when none is."""
   budget = {key: float(targets[key]) for key in ('params', 'flops') if targets[key]}
-  if not budget:
-    budget = {'params': float(own[0]), 'flops': float(own[1])}
-  rng = np.random.default_rng([seed, 0x52414E44])
-  u = np.where(tables.mask[None], rng.random((samples, *tables.mask.shape)), -1.0)
-  idx = u.argmax(-1)
-  rows = np.arange(tables.mask.shape[0])
-  values = {'params': tables.fixed_params + tables.params[rows, idx].sum(-1),
-            'flops': tables.fixed_flops + tables.flops[rows, idx].sum(-1)}
-  deviation = np.stack([np.abs(values[k] - v) / v for k, v in budget.items()], -1)
-  within = np.flatnonzero((deviation <= tolerance).all(-1))
-  pick = int(within[0]) if within.size else int(deviation.sum(-1).argmin())
-  return [space.op_names[i] for i in idx[pick]], budget
+  if budget:
+    return budget
+  own = costs.cost_tables(space).cost(arch_lib.Architecture(space.name, tuple(ops)).indices(
+      space))
+  return {'params': float(own[0]), 'flops': float(own[1])}
 
 
-def compare(setup: Setup, ops, random_ops, results, budget) -> dict:
-  tables = costs.cost_tables(setup.space)
-  rows = {}
-  for name, arch_ops in (('searched', ops), ('random', random_ops)):
-    params, flops = tables.cost(arch_lib.Architecture(setup.space.name,
-                                                      tuple(arch_ops)).indices(setup.space))
-    phase = 'train' if name == 'searched' else 'random'
-    rows[name] = {'ops': list(arch_ops), 'params': params, 'flops': flops,
-                  'top1': results[phase]['top1'], 'top5': results[phase]['top5']}
-  comparison = {'budget': budget, **rows}
+def default_workers(requested: int) -> int:
+  """Processes for population training: `requested`, or one per CPU core on a CPU (one XLA:CPU
+  program of these small networks keeps about one core busy) and 1 on accelerators."""
+  if requested > 0:
+    return int(requested)
+  return os.cpu_count() or 1 if jax.default_backend() == 'cpu' else 1
+
+
+def compare_with_random(setup: Setup, ops: Sequence[str]) -> dict:
+  """Trains the architecture and config.baseline.architectures random ones of its budget with
+  config.baseline.seeds seeds each (population training, resumable in <workdir>/baseline) and
+  says where it falls among them and how that compares with the training noise."""
+  from hournas_jax import population  # pylint: disable=g-import-not-at-top
+  config, space = setup.config, setup.space
+  b = config.baseline
+  budget = baseline_budget(space, config.targets, ops)
+  random_archs = population.random_architectures(space, budget, int(b.architectures),
+                                                 seed=int(config.seed))
+  seeds = range(int(b.seeds))
+  members = [population.Member(tuple(ops), s, 'searched') for s in seeds]
+  members += [population.Member(a, s, 'random') for a in random_archs for s in seeds]
+  records = population.train_population(setup, members, os.path.join(setup.workdir,
+                                                                      'baseline'),
+                                        workers=default_workers(int(b.workers)),
+                                        log_prefix='[baseline]')
+  means = population.mean_by_architecture(records)
+  searched = means[tuple(ops)]
+  random_means = np.array([means[tuple(a)][0] for a in random_archs])
+  seed_stds = [v[1] for v in means.values() if np.isfinite(v[1])]
+  noise = float(np.mean(seed_stds)) if seed_stds else float('nan')
+  rank = 1 + int(np.sum(random_means > searched[0]))
+  comparison = {
+      'budget': budget, 'seeds': len(seeds),
+      'searched': {'ops': list(ops), 'top1': searched[0],
+                   'top1_seeds': [r['top1'] for r in records[:len(seeds)]],
+                   'params': records[0]['params'], 'flops': records[0]['flops']},
+      'random': {'architectures': [list(a) for a in random_archs],
+                 'top1': random_means.tolist(), 'median': float(np.median(random_means)),
+                 'min': float(random_means.min()), 'max': float(random_means.max()),
+                 'std': float(np.std(random_means, ddof=1)) if len(random_means) > 1 else 0.0},
+      'rank': rank, 'of': len(random_archs) + 1,
+      'percentile': float(100.0 * np.mean(random_means < searched[0])),
+      'seed_std': noise,
+  }
   if jax.process_index() == 0:
     checkpoint.atomic_write_json(os.path.join(setup.workdir, 'comparison.json'), comparison)
-  lines = ['', 'searched vs random architecture of the same budget (test set):']
-  for name, row in rows.items():
-    lines.append(f'  {name:<8} top-1 {100 * row["top1"]:6.2f}%  top-5 {100 * row["top5"]:6.2f}%'
-                 f'  {row["params"] / 1e6:.3f}M params  {row["flops"] / 1e6:.3f}M FLOPs')
-  logging_utils.info('\n'.join(lines))
+  logging_utils.info(comparison_text(comparison))
   return comparison
+
+
+def comparison_text(c: Mapping) -> str:
+  """What a user reads: where the searched architecture falls, against the noise."""
+  pct = lambda x: f'{100 * x:.2f}%'
+  r = c['random']
+  seeds = c['seeds']
+  gap = c['searched']['top1'] - r['median']
+  lines = ['', f'searched vs {len(r["top1"])} random architectures of the same budget (test '
+           f'top-1, each the mean of {seeds} training seed{"s" * (seeds > 1)}):',
+           f'  searched  {pct(c["searched"]["top1"])}  '
+           f'{",".join(c["searched"]["ops"])}',
+           f'  random    median {pct(r["median"])}, range {pct(r["min"])} to {pct(r["max"])}, '
+           f'std {pct(r["std"])} between architectures',
+           f'  the searched architecture ranks {c["rank"]} of {c["of"]} '
+           f'({c["percentile"]:.0f}th percentile of the random ones), '
+           f'{100 * gap:+.2f} points from their median.']
+  if np.isfinite(c['seed_std']):
+    noise = c['seed_std'] / np.sqrt(seeds)
+    verdict = ('beyond' if abs(gap) > 2 * noise else 'within') + ' the training noise'
+    lines.append(f'  training noise: {pct(c["seed_std"])} between seeds of one architecture, '
+                 f'{pct(noise)} for a {seeds}-seed mean: the gap is {verdict}'
+                 + (f' ({abs(gap) / noise:.1f}x)' if noise > 0 else '') + '.')
+  else:
+    lines.append('  training noise unknown with 1 seed per architecture: set '
+                 'config.baseline.seeds >= 2 to tell a real gap from noise.')
+  return '\n'.join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,10 +536,8 @@ def _write_search_result(setup: Setup, searcher, state) -> dict:
 
 def run_eval(setup: Setup) -> dict:
   results = {}
-  for phase in ('train', 'random'):
+  for phase in ('train',):
     run_dir = os.path.join(setup.workdir, phase)
-    if phase == 'random' and not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
-      continue
     trainer, state, meta = retrain.load_model(setup.config, setup, run_dir, phase)
     if meta.get('dataset') != setup.dataset or tuple(meta['image_shape']) != setup.image_shape:
       raise ConfigError(f'the model in {run_dir} was trained on {meta.get("dataset")} '

@@ -2,7 +2,8 @@
 
 JAX fixes the device count at start-up, so main.py runs in two subprocesses side by side (4 CPU
 devices via XLA_FLAGS): search (both stages), retraining of the found architecture (and, on
-1 device, of a random one of the same budget), then 'eval' mode on the 1-device workdir.
+1 device, its comparison with random ones of the same budget), then 'eval' mode on the 1-device
+workdir.
 
 Both run main.py with tests/spaces_for_tests.py's 5-SuperBlock toy space registered (few
 compiles). The runs are kept to 2 steps per phase: networks this small, with BatchNorm over
@@ -27,7 +28,7 @@ import tensorflow as tf
 
 from configs import quickstart
 from hournas_jax import arch as arch_lib
-from hournas_jax import checkpoint, spaces, train
+from hournas_jax import checkpoint, costs, spaces, train
 from spaces_for_tests import TOY_TABLE
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
@@ -96,7 +97,9 @@ def run(args, workdir, devices=1, wait=True):
 def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
   one, four = tmp_path / 'devices1', tmp_path / 'devices4'
   # The random baseline runs on 1 device only: the 4-device run compiles everything afresh.
-  processes = {1: run(ARGS + ['--config.random_baseline=true'], one, 1, wait=False),
+  baseline = ['--config.random_baseline=true', '--config.baseline.architectures=2',
+              '--config.baseline.seeds=2', '--config.baseline.workers=1']
+  processes = {1: run(ARGS + baseline, one, 1, wait=False),
                4: run(ARGS, four, 4, wait=False)}
   stdout = {}
   for devices, process in processes.items():
@@ -105,10 +108,12 @@ def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
     stdout[devices] = out
   assert 'on 4 device(s)' in stdout[4] and 'on 1 device(s)' in stdout[1]
 
-  # What a user sees: progress lines, the architecture, the comparison with the random one.
+  # What a user sees: progress lines, the architecture, the comparison with random ones.
   progress = [l for l in stdout[1].splitlines() if l.startswith('[search/nonvital] step')]
   assert progress and all(s in progress[-1] for s in ('step 2/2', 'img/s', 'loss', 'tau', 'ETA'))
-  assert '[train] eval: top-1' in stdout[1] and 'searched vs random' in stdout[1]
+  assert '[train] eval: top-1' in stdout[1]
+  assert 'searched vs 2 random architectures of the same budget' in stdout[1]
+  assert 'training noise' in stdout[1] and 'percentile' in stdout[1]
 
   # The files of a search.
   config = json.loads((one / 'config.json').read_text())
@@ -128,10 +133,17 @@ def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
   assert trained['ops'] == list(architecture.ops) and trained['examples'] == 360
   assert 0.0 <= trained['top1'] <= trained['top5'] <= 1.0
   comparison = json.loads((one / 'comparison.json').read_text())
-  assert comparison['searched']['top1'] == trained['top1']
-  for key in ('params', 'flops'):  # the random architecture has the same budget
-    assert abs(comparison['random'][key] - comparison['budget'][key]) <= (
-        0.05 * comparison['budget'][key])
+  searched = comparison['searched']
+  assert searched['ops'] == list(architecture.ops) and len(searched['top1_seeds']) == 2
+  assert searched['top1'] == pytest.approx(sum(searched['top1_seeds']) / 2)
+  tables = costs.cost_tables(space)
+  for ops in comparison['random']['architectures']:  # random ones have the same budget
+    params, flops = tables.cost([space.op_names.index(o) for o in ops])
+    assert abs(params - 7e3) <= 350 and abs(flops - 90e3) <= 4500
+  assert comparison['of'] == 3 and 1 <= comparison['rank'] <= 3
+  stored = [json.loads(line) for line in
+            (one / 'baseline' / 'population.jsonl').read_text().splitlines()]
+  assert len(stored) == 6 and {r['tag'] for r in stored} == {'searched', 'random'}
   assert {'search/loss', 'search/tau', 'search/images_per_sec'} <= {
       tag for tag, _ in scalars(one / 'tensorboard' / 'search')}
   assert {'train/loss', 'train/learning_rate', 'eval/top1'} <= {
@@ -152,9 +164,9 @@ def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
   assert r4['ops'] == r1['ops'] and r4['loss'] == pytest.approx(r1['loss'], rel=1e-4)
 
   # 'eval' loads the saved models and gets the same numbers.
-  run(ARGS + ['--config.mode=eval', '--config.random_baseline=true'], one)
+  run(ARGS + ['--config.mode=eval'], one)
   evaluated = json.loads((one / 'eval_results.json').read_text())
-  assert set(evaluated) == {'train', 'random'}
+  assert set(evaluated) == {'train'}
   assert evaluated['train']['top1'] == pytest.approx(trained['top1'])
   assert evaluated['train']['loss'] == pytest.approx(trained['loss'], rel=1e-5)
 

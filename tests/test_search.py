@@ -21,7 +21,8 @@ W, A = (True, False), (False, True)  # the batches of a weight step and of an ar
 def _config(**overrides):
   cfg = dict(num_proposals=4, proposal_iterations=0, tau0=5.0, tau_decay=0.9999, weight_lr=0.1,
              momentum=0.9, weight_decay=4e-5, arch_lr=0.01, alpha=1.0, vital_priority=True,
-             sampler='gumbel_max', val_every=2, schedule='interleaved', temperature='logits')
+             sampler='gumbel_max', val_every=2, schedule='interleaved', temperature='logits',
+             arch_gradient='straight_through')
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -57,18 +58,23 @@ def _record_paths(searcher, paths):
   searcher.engine = engine
 
 
-def _stub_networks(searcher, grad_a=None):
+def _stub_networks(searcher, grad_a=None, loss=None):
   """Stands in for the networks, so that a test of the schedule or of the architecture update
   compiles none: weight steps leave the weights as they are, and architecture steps return
-  grad_a(A) (zeros by default) as d cross-entropy / d A, A the sampled one-hot [L, O]."""
+  grad_a(A) (zeros by default) as d cross-entropy / d A, A the sampled one-hot [L, O], or with
+  'reinforce' loss(idx) (1 by default) as the D_val loss of the sampled op indices [L]."""
   def weight_step(engine, weights, batch, layers, idx, a, lr):
     return weights, {'loss': 1.0, 'accuracy': 0.0}
 
   def arch_grads(engine, weights, batch, layers, idx, a):
     g = jnp.zeros(a.shape) if grad_a is None else grad_a(a)
     return weights, {'loss': 1.0, 'accuracy': 0.0}, g
+
+  def val_loss(engine, weights, batch, layers, idx):
+    return weights, {'loss': 1.0 if loss is None else loss(np.asarray(idx)), 'accuracy': 0.0}
   searcher._weight_step = weight_step
   searcher._arch_grads = arch_grads
+  searcher._val_loss = val_loss
 
 
 def _run(searcher, state, steps=None, res=RES):
@@ -502,7 +508,10 @@ def test_steps_given_the_wrong_batches_and_bad_settings_are_refused():
     s.train_step(state)
   for overrides, match in (({'schedule': 'epoch'}, 'needs at least one step per epoch'),
                            ({'schedule': 'epochs'}, 'search.schedule must be one of'),
-                           ({'temperature': 'theta'}, 'search.temperature must be one of')):
+                           ({'temperature': 'theta'}, 'search.temperature must be one of'),
+                           ({'arch_gradient': 'score'}, 'search.arch_gradient must be one of'),
+                           ({'arch_gradient': 'reinforce', 'sampler': 'gumbel_softmax'},
+                            "'reinforce' needs search.sampler 'gumbel_max'")):
     with pytest.raises(search.SearchError, match=match) as error:
       search.Searcher(SPACE, _config(**overrides), _targets(), (RES, RES, 3), 2, 2)
     assert '\n' not in str(error.value)
@@ -529,3 +538,181 @@ def test_ablation_switches():
       before = jax.tree.leaves(state['weights']['params'][n][op])
       after = jax.tree.leaves(new_state['weights']['params'][n][op])
       assert any(not np.array_equal(a, b) for a, b in zip(before, after)), (n, op)
+
+
+# --------------------------------------------------------------------------------------------
+# The score-function (REINFORCE) architecture gradient.
+
+
+def _np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_grad_log_prob(theta, idx, tau, mask):
+  """d / d theta of sum_l log softmax(theta_l / tau)[idx_l] over allowed ops, by hand."""
+  p = _np_softmax(np.where(mask, theta / tau, -np.inf))
+  return (np.eye(theta.shape[-1])[idx] - p) / tau
+
+
+@pytest.mark.parametrize('tau_mode', ['logits', 'relaxed'])
+def test_reinforce_gradient_is_advantage_times_score(tau_mode):
+  rng = np.random.default_rng(0)
+  theta = rng.normal(size=(3, 5)).astype(np.float32)
+  mask = np.ones((3, 5), bool)
+  mask[0, 4] = mask[2, 1] = False
+  idx = np.array([1, 4, 0])
+  tau, loss, baseline = 2.5, 1.7, 1.2
+  tau_eff = tau if tau_mode == 'logits' else 1.0  # 'relaxed' samples from softmax(theta)
+  grad_fn = jax.jit(lambda t, l, b: search.reinforce_grads(
+      lambda x: search.path_log_prob(x, idx, tau, jnp.asarray(mask), tau_mode), t, l, b))
+  got = np.asarray(grad_fn(jnp.asarray(theta), loss, baseline))
+  want = (loss - baseline) * _np_grad_log_prob(theta, idx, tau_eff, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.all(got[~mask] == 0)
+  # Stage 2: log softmax(pi)[k] + the chosen proposal's log p; other proposals get nothing.
+  thetas = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  pi = np.array([0.3, -0.4], np.float32)
+  arch = {'thetas': jnp.asarray(thetas), 'pi': jnp.asarray(pi)}
+  k = 1
+  grads = search.reinforce_grads(
+      lambda a: search.two_level_log_prob(a['thetas'], a['pi'], k, idx, tau, jnp.asarray(mask),
+                                          tau_mode), arch, loss, baseline)
+  np.testing.assert_allclose(grads['pi'], (loss - baseline) * (np.eye(2)[k] - _np_softmax(pi)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads['thetas'][k], (loss - baseline) * _np_grad_log_prob(
+      thetas[k], idx, tau_eff, mask), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(grads['thetas'][1 - k]) == 0)
+
+
+def test_reinforce_step_is_adams_first_step_on_the_estimate():
+  """One architecture step of the Searcher: theta moves by Adam's first step,
+  -lr * g / (|g| + eps), on g = (L - b) * grad log p(A) of the path it sampled."""
+  lr, tau = 0.01, 5.0
+  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, arch_lr=lr,
+                                     tau_decay=1.0), _targets(), (RES, RES, 3), 5, 1)
+  seen = []
+  _stub_networks(s, loss=lambda idx: (seen.append(idx), 2.0)[1])
+  state = s.init(0)
+  rng = np.random.default_rng(1)
+  theta = rng.normal(size=state['arch']['theta'].shape).astype(np.float32)
+  state = {**_set_arch(s, state, {'theta': jnp.asarray(theta)}),
+           'arch_baseline': jnp.float32(1.5)}
+  new, _ = s.train_step(state, _data(), _data(seed=1))
+  mask = SPACE.op_mask()[[SPACE.searchable_names.index(n) for n in VITAL]]
+  g = (2.0 - 1.5) * _np_grad_log_prob(theta, seen[0], tau, mask)
+  np.testing.assert_allclose(new['arch']['theta'] - theta, -lr * g / (np.abs(g) + 1e-8),
+                             rtol=1e-4, atol=1e-7)
+  assert float(new['arch_baseline']) == pytest.approx(0.9 * 1.5 + 0.1 * 2.0)
+
+
+def test_reinforce_baseline_starts_at_the_first_loss_and_moves_as_an_ema():
+  b, nxt = search.baseline_step(jnp.float32(jnp.nan), 3.0)
+  assert float(b) == 3.0 and float(nxt) == 3.0
+  losses = iter([2.0, 1.0, 3.0, 0.5])
+  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, num_proposals=2),
+                      _targets(), (RES, RES, 3), 3, 1)
+  _stub_networks(s, loss=lambda idx: next(losses))
+  state = s.init(0)
+  assert np.isnan(float(state['arch_baseline']))  # no loss yet
+  theta0 = np.asarray(state['arch']['theta'])
+  baselines = []
+  for _ in range(3):
+    state, _ = s.train_step(state, _data(), _data(seed=1))
+    if s.stage(state) == 'vital':
+      baselines.append(float(state['arch_baseline']))
+      if len(baselines) == 1:  # L - b = 0 on the first step: theta has not moved
+        np.testing.assert_array_equal(state['arch']['theta'], theta0)
+  np.testing.assert_allclose(baselines, [2.0, 0.9 * 2.0 + 0.1 * 1.0], rtol=1e-6)
+  # A new stage starts a new average.
+  assert s.stage(state) == 'nonvital' and np.isnan(float(state['arch_baseline']))
+  state, _ = s.train_step(state, _data(), _data(seed=1))
+  assert float(state['arch_baseline']) == 0.5
+
+
+def test_reinforce_vital_stage_finds_the_op_with_the_lower_loss():
+  """A stand-in loss (no network): 1 for every vital layer on k3e3, 2 on any other op, plus
+  noise. A few hundred REINFORCE steps must make theta prefer k3e3 on both vital layers."""
+  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, arch_lr=0.05,
+                                     tau0=1.0, tau_decay=1.0), _targets(), (RES, RES, 3), 1000, 1)
+  k3e3 = SPACE.op_names.index('k3e3')
+  rng = np.random.default_rng(0)
+  _stub_networks(s, loss=lambda idx: float(np.sum(np.where(idx == k3e3, 1.0, 2.0))
+                                           + rng.normal(0.0, 0.1)))
+  state, _ = _run(s, s.init(0), steps=300)
+  assert s.stage(state) == 'vital'
+  probs = s.probabilities(state)
+  for n in VITAL:
+    assert max(probs[n], key=probs[n].get) == 'k3e3' and probs[n]['k3e3'] > 0.6, probs[n]
+
+
+def test_reinforce_pi_prefers_the_proposal_whose_samples_have_lower_loss():
+  """Proposal 0 samples all-k3e3 architectures, proposal 1 all-k3e1 ones; the stand-in loss is
+  lower for every k3e3. With no resource term, pi must come to prefer proposal 0."""
+  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', vital_priority=False,
+                                     num_proposals=2, arch_lr=0.05, alpha=0.0, val_every=1,
+                                     tau0=1.0, tau_decay=1.0), _targets(), (RES, RES, 3), 0, 200)
+  state = s.init(0)
+  k3e3, k3e1 = SPACE.op_names.index('k3e3'), SPACE.op_names.index('k3e1')
+  _stub_networks(s, loss=lambda idx: 2.0 + float(np.mean((idx == k3e1) * 1.0 - (idx == k3e3))))
+  thetas = jnp.stack([_one_hot_ops(SPACE, 'k3e3', 10.0), _one_hot_ops(SPACE, 'k3e1', 10.0)])
+  state = {**_set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)}),
+           'arch_baseline': state['arch_baseline']}
+  state, _ = _run(s, state)
+  pi = np.asarray(jax.nn.softmax(state['arch']['pi']))
+  assert pi[0] > 0.75, pi
+  assert s.result(state)['proposal'] == 0
+
+
+def test_path_loss_is_the_forward_half_of_arch_grads():
+  s = search.Searcher(SPACE, _config(), _targets(), (RES, RES, 3), 1, 1)
+  state = s.init(0)
+  engine = s.engine(state['meta'])
+  batch, path = _data(), {'layer2_1': 'k3e1', 'layer3_1': 'k3e3'}
+  with_grads, metrics, _ = engine.arch_grads(state['weights'], batch['image'], batch['label'],
+                                             path)
+  forward, forward_metrics = engine.path_loss(state['weights'], batch['image'], batch['label'],
+                                              path)
+  np.testing.assert_allclose(forward_metrics['loss'], metrics['loss'], rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(forward), jax.tree.leaves(with_grads)):
+    np.testing.assert_allclose(x, y, rtol=1e-6)
+  assert any(not np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(forward['batch_stats']), jax.tree.leaves(state['weights']['batch_stats'])))
+
+
+def test_reinforce_search_runs_end_to_end_and_resumes_from_checkpoints(tmp_path):
+  from hournas_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  def searcher():
+    return search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1,
+                                          num_proposals=2), _targets(), (RES, RES, 3), 2, 2)
+
+  s = searcher()
+  reference, metrics = _run(s, s.init(3))
+  assert [m['stage'] for m in metrics] == ['vital'] * 2 + ['nonvital'] * 2
+  assert all(np.isfinite(m['val_loss']) for m in metrics)
+  assert np.isfinite(float(reference['arch_baseline']))
+  assert s.result(reference)['ops']
+
+  # Stopped after step 1 (vital) and step 3 (non-vital), saved, restored against the template.
+  state, steps = s.init(3), 0
+  with checkpoint.Checkpointer(str(tmp_path / 'ckpt')) as ckpt:
+    for stop in (1, 3):
+      state, _ = _run(searcher(), state, steps=stop - steps)
+      steps = stop
+      ckpt.save(stop, state)
+      ckpt.wait()
+      s = searcher()
+      template = s.template(state['meta'])
+      assert 'arch_baseline' in template
+      restored = ckpt.restore(stop, lambda other: s.template(other['meta']))
+      saved_arrays, restored_arrays = (checkpoint.split_state(x)[0] for x in (state, restored))
+      assert jax.tree.structure(restored_arrays) == jax.tree.structure(saved_arrays)
+      for x, y in zip(jax.tree.leaves(restored_arrays), jax.tree.leaves(saved_arrays)):
+        assert (x.shape, x.dtype) == (np.shape(y), jnp.asarray(y).dtype)
+      state = restored
+  resumed, _ = _run(searcher(), state)
+  for part in ('arch', 'arch_baseline', 'weights'):
+    for x, y in zip(jax.tree.leaves(resumed[part]), jax.tree.leaves(reference[part])):
+      np.testing.assert_array_equal(x, y)
+  assert resumed['meta']['vital_ops'] == reference['meta']['vital_ops']

@@ -17,5 +17,10 @@ from configs import fbnet as fbnet_lib
 
 def get_config():
   config = fbnet_lib.get_config('a')
-  config.search.sampler = 'gumbel_softmax'
+  ablate(config.search)
   return config
+
+
+def ablate(s):
+  """Turns the search config `s` (config.search) into its Gumbel-softmax ablation."""
+  s.sampler = 'gumbel_softmax'

@@ -25,9 +25,12 @@ def get_config(variant: str = 'g'):
     raise ValueError(f'unknown no_vital_priority variant {variant!r}; choose one of '
                      f'{", ".join(VARIANTS)}')
   config = fbnet_lib.get_config('a') if variant == 'g' else fbnet_enlarged_lib.get_config('c')
-  s = config.search
+  ablate(config.search)
+  return config
+
+
+def ablate(s):
+  """Turns the search config `s` (config.search) into its no-vital-priority ablation."""
   s.vital_priority = False
   s.nonvital_epochs = 2 * (s.vital_epochs + s.nonvital_epochs)
   s.vital_epochs = 0.0  # no vital stage
-  s.num_proposals = 8
-  return config

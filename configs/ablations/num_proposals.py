@@ -20,6 +20,11 @@ def get_config(variant: str = '8'):
     raise ValueError(f'unknown num_proposals variant {variant!r}; choose one of '
                      f'{", ".join(VARIANTS)}')
   config = fbnet_lib.get_config('a')
-  config.search.num_proposals = int(variant)
+  ablate(config.search, int(variant))
   config.retrain_after_search = False
   return config
+
+
+def ablate(s, m: int = 1):
+  """Sets the number of space proposals of the search config `s` (config.search) to m."""
+  s.num_proposals = m

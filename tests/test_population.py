@@ -1,0 +1,145 @@
+"""Population training (resumable store, fingerprints, random budgets) and the ranking tools."""
+
+import json
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default as default_lib
+from hournas_jax import costs, population, ranking, spaces, train
+from spaces_for_tests import toy_space
+
+
+def _setup(tmp_path, **train_overrides):
+  config = default_lib.get_config()
+  config.dataset = 'digits'
+  config.image_size = 8
+  config.channels = 1
+  config.xla_fast_compile = True
+  t = config.train
+  t.batch_size = 64
+  t.steps = 3
+  t.eval_batch_size = 360
+  for k, v in train_overrides.items():
+    t[k] = v
+  setup = train.resolve_setup(config, str(tmp_path))
+  setup.space = toy_space(8)
+  return setup
+
+
+OPS = [('k3e1', 'k3e3', 'skip', 'k3e1', 'k3e3'), ('k3e3', 'k3e1', 'k3e1', 'k3e3', 'skip')]
+
+
+def test_population_trains_each_member_once_and_resumes(tmp_path, monkeypatch):
+  setup = _setup(tmp_path)
+  calls = []
+  real = population.train_member
+  monkeypatch.setattr(population, 'train_member',
+                      lambda s, ops, seed: calls.append((tuple(ops), seed)) or real(s, ops, seed))
+  members = [population.Member(ops, seed, 'random') for ops in OPS for seed in (0, 1)]
+  # A method that finds an architecture already listed does not train it twice.
+  records = population.train_population(setup, members + [population.Member(OPS[0], 0, 'dup')],
+                                        str(tmp_path / 'pop'))
+  assert len(calls) == 4 and len(records) == 5
+  tables = costs.cost_tables(setup.space)
+  for member, record in zip(members, records):
+    assert record['ops'] == list(member.ops) and record['seed'] == member.seed
+    assert (record['params'], record['flops']) == tables.cost(
+        [setup.space.op_names.index(o) for o in member.ops])
+    assert 0.0 <= record['top1'] <= 1.0 and record['wall_s'] > 0
+  # Seeds differ in their data and initialisation, so their results differ.
+  assert records[0]['loss'] != records[1]['loss']
+  # A rerun trains nothing and returns the stored records; a new member alone is trained.
+  calls.clear()
+  again = population.train_population(setup, members, str(tmp_path / 'pop'))
+  assert calls == [] and again == records[:4]
+  population.train_population(setup, members + [population.Member(OPS[0], 2)],
+                              str(tmp_path / 'pop'))
+  assert calls == [(OPS[0], 2)]
+
+
+def test_store_skips_a_cut_short_line_and_other_recipes(tmp_path):
+  store = population.Store(str(tmp_path))
+  store.append({'ops': ['a'], 'seed': 0, 'recipe': 'r1', 'top1': 0.5})
+  with open(store.path, 'a') as f:
+    f.write('{"ops": ["b"], "seed": 0, "rec')  # a crash mid-write
+  store.append({'ops': ['c'], 'seed': 1, 'recipe': 'r1', 'top1': 0.7})
+  store.append({'ops': ['a'], 'seed': 0, 'recipe': 'r2', 'top1': 0.1})
+  assert set(store.done('r1')) == {(('a',), 0), (('c',), 1)}
+  assert store.done('r2')[('a',), 0]['top1'] == 0.1
+  lines = open(store.path).read().splitlines()
+  assert sum(1 for line in lines if line.startswith('{"ops": ["b"]')) == 1
+
+
+def test_recipe_fingerprint_follows_what_changes_results(tmp_path):
+  a = _setup(tmp_path)
+  b = _setup(tmp_path, learning_rate=0.05)
+  c = _setup(tmp_path, eval_batch_size=100, arch='hournas_a')
+  assert population.recipe_fingerprint(a) != population.recipe_fingerprint(b)
+  assert population.recipe_fingerprint(a) == population.recipe_fingerprint(c)
+
+
+def test_random_architectures_lie_within_the_budget_and_are_distinct():
+  space = spaces.get_space('fbnet_shallow', 24, 10, 0.25,
+                           ('k3e1', 'k3e3', 'k3e6', 'k5e1', 'k5e3', 'k5e6', 'skip'), stem_stride=1)
+  tables = costs.cost_tables(space)
+  targets = {'params': 120e3, 'flops': 1.45e6}
+  archs = population.random_architectures(space, targets, 25, seed=0)
+  assert len(set(archs)) == 25
+  for ops in archs:
+    params, flops = tables.cost([space.op_names.index(o) for o in ops])
+    assert abs(params - 120e3) <= 6e3 and abs(flops - 1.45e6) <= 0.05 * 1.45e6
+  assert archs == population.random_architectures(space, targets, 25, seed=0)
+  # Without targets, each layer's op is uniform over its candidates.
+  many = population.random_architectures(space, {}, 3000, seed=1)
+  for i, layer in enumerate(space.searchable_layers):
+    counts = np.array([sum(ops[i] == op for ops in many) for op in layer.ops])
+    np.testing.assert_allclose(counts / 3000, 1 / len(layer.ops), atol=0.03)
+  with pytest.raises(spaces.SpaceError, match='fall within'):
+    population.random_architectures(space, {'params': 63e3, 'flops': 3.0e6}, 3, seed=0,
+                                    max_draws=20000)
+
+
+def test_mean_by_architecture():
+  records = [{'ops': ['a'], 'top1': 0.5}, {'ops': ['a'], 'top1': 0.7}, {'ops': ['b'],
+                                                                         'top1': 0.9}]
+  means = population.mean_by_architecture(records)
+  assert means[('a',)][0] == pytest.approx(0.6) and means[('a',)][2] == 2
+  assert means[('a',)][1] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+  assert means[('b',)][0] == 0.9 and math.isnan(means[('b',)][1])
+
+
+def test_kendall_tau_against_hand_counted_pairs():
+  assert ranking.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert ranking.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  # 5 items, one swapped pair: 9 concordant, 1 discordant of 10 -> 0.8.
+  assert ranking.kendall_tau([1, 2, 3, 4, 5], [1, 3, 2, 4, 5]) == pytest.approx(0.8)
+  # Ties (tau-b): x = [1, 1, 2], y = [1, 2, 3]: pairs (1,2) tie in x; 2 concordant of 2 untied
+  # in x, 3 in y: 2 / sqrt(2 * 3).
+  assert ranking.kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(6))
+  assert math.isnan(ranking.kendall_tau([1], [2]))
+  with pytest.raises(ValueError):
+    ranking.kendall_tau([1, 2], [1, 2, 3])
+
+
+def _comparison(searched, random, seed_std, seeds=2):
+  random = np.asarray(random)
+  return {'seeds': seeds, 'searched': {'top1': searched, 'ops': ['k3e1']},
+          'random': {'top1': random.tolist(), 'median': float(np.median(random)),
+                     'min': float(random.min()), 'max': float(random.max()),
+                     'std': float(np.std(random, ddof=1))},
+          'rank': 1 + int(np.sum(random > searched)), 'of': len(random) + 1,
+          'percentile': float(100 * np.mean(random < searched)), 'seed_std': seed_std}
+
+
+def test_comparison_text_weighs_the_gap_against_the_noise():
+  clear = train.comparison_text(_comparison(0.95, [0.90, 0.91, 0.92], seed_std=0.01))
+  assert 'ranks 1 of 4' in clear and '100th percentile' in clear and '+4.00 points' in clear
+  assert 'beyond the training noise' in clear  # 4 points against 0.71 for a 2-seed mean
+  noisy = train.comparison_text(_comparison(0.95, [0.90, 0.94, 0.96], seed_std=0.05))
+  assert 'ranks 2 of 4' in noisy and 'within the training noise' in noisy
+  single = train.comparison_text(_comparison(0.95, [0.90, 0.94], seed_std=float('nan'),
+                                             seeds=1))
+  assert 'config.baseline.seeds >= 2' in single
