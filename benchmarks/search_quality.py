@@ -83,7 +83,7 @@ def parse_args(argv=None):
                  'architecture; every score is their mean')
   p.add_argument('--ablations', default=','.join(ABLATIONS),
                  help=f'comma-separated subset of {",".join(ABLATIONS)} ("" = none)')
-  p.add_argument('--ablation-seeds', type=int, default=3, help='searches per ablation')
+  p.add_argument('--ablation-seeds', type=int, default=2, help='searches per ablation')
   p.add_argument('--variants', default='', help=f'search variants to compare, comma-separated '
                  f'from {",".join(VARIANTS)}; each runs with --ablation-seeds seeds')
   p.add_argument('--steps-scale', type=float, default=1.0,
@@ -126,6 +126,9 @@ def load_config(args):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from ml_collections.config_flags import config_flags as impl  # pylint: disable=g-import-not-at-top
   del config_flags
+  path = args.config.split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise ValueError(f'--config {args.config}: no such config file')
   config = impl.ConfigFileFlagParser('config').parse(args.config)
   if args.dataset:
     config.dataset = args.dataset
@@ -133,13 +136,23 @@ def load_config(args):
     config.targets.params, config.targets.flops = (float(v) for v in args.targets.split(','))
   for item in args.set:
     field, _, value = item.partition('=')
-    node, *path = field.split('.')
+    *parents, key = field.split('.')
     holder = config
-    for part in [node] + path[:-1]:
-      holder = holder[part]
-    key = path[-1] if path else node
-    old = holder[key]
-    holder[key] = type(old)(value) if not isinstance(old, bool) else value.lower() == 'true'
+    try:
+      for part in parents:
+        holder = holder[part]
+      old = holder[key]
+    except (KeyError, AttributeError, TypeError):
+      raise ValueError(f'--set {item}: the config has no field {field!r}') from None
+    if isinstance(old, bool):
+      if value.lower() not in ('true', 'false'):
+        raise ValueError(f'--set {item}: {field} is true or false')
+      holder[key] = value.lower() == 'true'
+    else:
+      try:
+        holder[key] = type(old)(value)
+      except ValueError:
+        raise ValueError(f'--set {item}: {field} takes a {type(old).__name__}') from None
   s, t = config.search, config.train
   s.vital_epochs *= args.steps_scale
   s.nonvital_epochs *= args.steps_scale
@@ -177,30 +190,20 @@ def _run_search(task):
     return checkpoint.read_json(os.path.join(workdir, 'arch.json')), checkpoint.read_json(
         done_path)
   start = time.time()
+  resumed = os.path.isdir(os.path.join(workdir, 'search', 'checkpoints'))
   train.configure_jax(config)
   setup = train.resolve_setup(config, checkpoint.prepare_workdir(workdir))
   result = train.run_search(setup)
-  timing = {'wall_s': time.time() - start,
-            'resumed': os.path.exists(os.path.join(workdir, 'search_started'))}
+  # A resumed search's time is that of its last part only.
+  timing = {'wall_s': time.time() - start, 'resumed': resumed}
   checkpoint.atomic_write_json(done_path, timing)
   return result, timing
-
-
-def _mark_started(task):
-  workdir = task[1]
-  os.makedirs(workdir, exist_ok=True)
-  marker = os.path.join(workdir, 'search_started')
-  existed = os.path.exists(marker)
-  open(marker, 'a').close()
-  return existed
 
 
 def run_searches(base, out, methods_seeds, workers):
   from hournas_jax import population  # pylint: disable=g-import-not-at-top
   tasks = [(method_config(base, m, s), search_dir(out, m, s)) for m, s in methods_seeds]
   pending = [t for t in tasks if not os.path.exists(os.path.join(t[1], 'search_time.json'))]
-  for task in pending:
-    _mark_started(task)
   results = {}
   print(f'[search_quality] {len(tasks) - len(pending)} of {len(tasks)} searches done; running '
         f'{len(pending)}', flush=True)
@@ -330,16 +333,16 @@ def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from hournas_jax import checkpoint, population, train  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   started = time.time()
-  base = load_config(args)
   try:
+    base = load_config(args)
     train.validate_config(base)
-  except train.ConfigError as e:
-    sys.exit(f'error: {e}')
+  except ValueError as e:  # ConfigError is a ValueError
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   train.configure_jax(base)
   out = checkpoint.prepare_workdir(args.out)
-  workers = args.workers or (os.cpu_count() if jax.default_backend() == 'cpu' else 1)
+  workers = train.default_workers(args.workers)
 
   def setup_fn(config, workdir):
     return train.resolve_setup(config, workdir)

@@ -95,11 +95,14 @@ def prepare_workdir(workdir: str) -> str:
 FINGERPRINT_FILE = 'fingerprint.json'
 
 
-def check_fingerprint(workdir: str, section: str, values: Mapping[str, Any]) -> None:
+def check_fingerprint(workdir: str, section: str, values: Mapping[str, Any],
+                      implicit: Mapping[str, Any] | None = None) -> None:
   """Refuses a workdir whose `section` run was made with other values of the fields that matter.
 
   The fingerprint file holds one dict per section ('search', 'train', ...), written the first
-  time that section runs in the workdir.
+  time that section runs in the workdir. `implicit` gives fields added to the fingerprint after
+  a workdir may have been written, with the value the code that wrote it behaved as: a
+  fingerprint without such a field matches that value.
   """
   path = os.path.join(workdir, FINGERPRINT_FILE)
   values = json.loads(json.dumps(dict(values), default=_json_default))
@@ -114,6 +117,8 @@ def check_fingerprint(workdir: str, section: str, values: Mapping[str, Any]) -> 
     if jax.process_index() == 0:
       atomic_write_json(path, {**stored, section: values})
     return
+  implicit = json.loads(json.dumps(dict(implicit or {}), default=_json_default))
+  old = {**{k: v for k, v in implicit.items() if k in values}, **old}
   diffs = [f'{key}: {old.get(key, "<unset>")!r} there, {values.get(key, "<unset>")!r} now'
            for key in sorted(set(old) | set(values)) if old.get(key) != values.get(key)]
   if diffs:

@@ -290,7 +290,8 @@ def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train'
   tcfg = config.train
   paths = RunPaths(run_dir)
   os.makedirs(run_dir, exist_ok=True)
-  checkpoint.check_fingerprint(os.path.dirname(run_dir), phase, fingerprint(config, setup, ops))
+  checkpoint.check_fingerprint(os.path.dirname(run_dir), phase, fingerprint(config, setup, ops),
+                              implicit={'stem_stride': 2})
   steps_per_epoch = data.steps_per_epoch(setup.dataset, 'train', tcfg.batch_size,
                                          data_dir=setup.data_dir)
   total = total_steps(tcfg, steps_per_epoch)

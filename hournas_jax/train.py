@@ -261,7 +261,7 @@ def default_workers(requested: int) -> int:
   program of these small networks keeps about one core busy) and 1 on accelerators."""
   if requested > 0:
     return int(requested)
-  return os.cpu_count() or 1 if jax.default_backend() == 'cpu' else 1
+  return (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1
 
 
 def compare_with_random(setup: Setup, ops: Sequence[str]) -> dict:
@@ -337,6 +337,13 @@ def comparison_text(c: Mapping) -> str:
 # Search.
 
 
+# Fields added to the search fingerprint after its first release, with the value earlier
+# versions behaved as, so that their workdirs still resume.
+SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
+                            'search.temperature': 'logits', 'search.weight_sharing': 'none',
+                            'search.arch_gradient': 'straight_through'}
+
+
 def search_fingerprint(setup: Setup) -> dict:
   config = setup.config
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
@@ -404,7 +411,8 @@ def load_search_state(setup: Setup):
 
 def run_search(setup: Setup) -> dict:
   config = setup.config
-  checkpoint.check_fingerprint(setup.workdir, 'search', search_fingerprint(setup))
+  checkpoint.check_fingerprint(setup.workdir, 'search', search_fingerprint(setup),
+                              implicit=SEARCH_FINGERPRINT_ADDED)
   per_epoch, val_per_epoch, _, _ = search_steps(setup)
   searcher = make_searcher(setup)
   directory = os.path.join(setup.workdir, 'search', 'checkpoints')

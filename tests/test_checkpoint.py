@@ -124,6 +124,18 @@ def test_fingerprint_refuses_a_run_of_another_config(tmp_path):
   stored = json.loads((tmp_path / 'fingerprint.json').read_text())
   assert stored == {'search': {'space': 'fbnet', 'search.num_proposals': 8},
                     'train': {'train.epochs': 3.0}}
+  # A field added to the fingerprint later matches a workdir written before it existed when
+  # the current value is the one the older code behaved as, and only then.
+  added = {'search.schedule': 'interleaved'}
+  checkpoint.check_fingerprint(workdir, 'search', {'space': 'fbnet', 'search.num_proposals': 8,
+                                                   'search.schedule': 'interleaved'},
+                               implicit=added)
+  with pytest.raises(checkpoint.WorkdirError, match="search.schedule: 'interleaved' there, "
+                                                    "'epoch' now"):
+    checkpoint.check_fingerprint(workdir, 'search', {'space': 'fbnet',
+                                                     'search.num_proposals': 8,
+                                                     'search.schedule': 'epoch'},
+                                 implicit=added)
 
 
 # --------------------------------------------------------------------------------------------

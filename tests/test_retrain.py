@@ -12,7 +12,7 @@ import pytest
 
 from configs import default, quickstart
 from hournas_jax import arch as arch_lib
-from hournas_jax import costs, retrain, spaces, train
+from hournas_jax import costs, population, retrain, spaces, train
 from spaces_for_tests import TOY_TABLE
 
 OPS = 'k3e1,k3e3,k3e1,k3e3,k3e1'  # an architecture of tests/spaces_for_tests.py's toy space
@@ -75,22 +75,25 @@ def test_weight_decay_only_on_kernels_and_tf_rmsprop():
   assert float(updates['w'][0]) == pytest.approx(-0.1 * 2.0 / np.sqrt(ms + 1e-3), rel=1e-5)
 
 
-def test_random_architecture_has_the_budget_and_depends_on_the_seed():
+def test_baseline_budget_is_the_targets_set_or_the_architecture_own_cost():
   space = spaces.get_space('fbnet', resolution=224)
-  targets = ml_collections.ConfigDict({'params': 4.8e6, 'flops': 300e6})
   ops = arch_lib.preset('hournas_a').ops
-  first, budget = train.random_architecture(space, targets, ops, seed=0)
-  again, _ = train.random_architecture(space, targets, ops, seed=0)
-  other, _ = train.random_architecture(space, targets, ops, seed=1)
-  assert first == again and first != other and budget == {'params': 4.8e6, 'flops': 300e6}
-  tables = costs.cost_tables(space)
-  params, flops = tables.cost(arch_lib.Architecture('fbnet', tuple(first)).indices(space))
-  assert abs(params - 4.8e6) <= 0.05 * 4.8e6 and abs(flops - 300e6) <= 0.05 * 300e6
-  # Without targets the budget is the given architecture's own cost.
+  targets = ml_collections.ConfigDict({'params': 4.8e6, 'flops': 300e6})
+  assert train.baseline_budget(space, targets, ops) == {'params': 4.8e6, 'flops': 300e6}
+  only_flops = ml_collections.ConfigDict({'params': 0.0, 'flops': 300e6})
+  assert train.baseline_budget(space, only_flops, ops) == {'flops': 300e6}
+  # Without targets the budget is the given architecture's own cost, and random architectures
+  # drawn for it lie within 5% of that cost.
   no_targets = ml_collections.ConfigDict({'params': 0.0, 'flops': 0.0})
-  _, own = train.random_architecture(space, no_targets, ops, seed=0)
+  own = train.baseline_budget(space, no_targets, ops)
+  tables = costs.cost_tables(space)
   assert own == dict(zip(('params', 'flops'), map(float, tables.cost(
       arch_lib.Architecture('fbnet', ops).indices(space)))))
+  drawn = population.random_architectures(space, own, 3, seed=0)
+  for arch in drawn:
+    params, flops = tables.cost(arch_lib.Architecture('fbnet', arch).indices(space))
+    assert abs(params - own['params']) <= 0.05 * own['params']
+    assert abs(flops - own['flops']) <= 0.05 * own['flops']
 
 
 # --------------------------------------------------------------------------------------------
