@@ -64,7 +64,14 @@ VARIANTS = {
     'logits_temperature': _setter('temperature', 'logits'),
     'separate_weights': _setter('weight_sharing', 'none'),
     'nested_weights': _setter('weight_sharing', 'nested'),
+    'arch_warmup': _setter('arch_warmup', 0.5),
+    'vital_init_targets': _setter('vital_init', 'targets'),
+    'vital_init_uniform': _setter('vital_init', 'uniform'),
+    'no_arch_warmup': _setter('arch_warmup', 0.0),
     'reinforce': _setter('arch_gradient', 'reinforce'),
+    # The control: no architecture step at all, so the result is the mode of the distribution
+    # the search starts from (theta_vital and the space proposals fitted to the targets).
+    'prior_only': _setter('arch_lr', 0.0),
     'straight_through': _setter('arch_gradient', 'straight_through'),
 }
 RANKING_METHOD = 'no_vital_priority'
@@ -114,7 +121,8 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
       problems.append(f'--targets must be PARAMS,FLOPS (numbers >= 0), got {args.targets!r}')
   if problems:
-    p.error('; '.join(problems))
+    print(f'error: {"; ".join(problems)}', file=sys.stderr)
+    sys.exit(2)
   return args
 
 
@@ -202,8 +210,14 @@ def _run_search(task):
 
 def run_searches(base, out, methods_seeds, workers):
   from hournas_jax import population  # pylint: disable=g-import-not-at-top
+  from hournas_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
   tasks = [(method_config(base, m, s), search_dir(out, m, s)) for m, s in methods_seeds]
   pending = [t for t in tasks if not os.path.exists(os.path.join(t[1], 'search_time.json'))]
+  for config, workdir in tasks:
+    # A finished search is reused only if it ran with this configuration.
+    if os.path.exists(os.path.join(workdir, checkpoint.FINGERPRINT_FILE)):
+      checkpoint.check_fingerprint(workdir, 'search', train.search_fingerprint(
+          train.resolve_setup(config, workdir)), implicit=train.SEARCH_FINGERPRINT_ADDED)
   results = {}
   print(f'[search_quality] {len(tasks) - len(pending)} of {len(tasks)} searches done; running '
         f'{len(pending)}', flush=True)
@@ -365,7 +379,11 @@ def main(argv=None):
   variants = [v for v in args.variants.split(',') if v]
   methods_seeds = [('hournas', s) for s in range(args.seeds)]
   methods_seeds += [(m, s) for m in ablations + variants for s in range(args.ablation_seeds)]
-  searched = run_searches(base, out, methods_seeds, workers)
+  try:
+    searched = run_searches(base, out, methods_seeds, workers)
+  except checkpoint.WorkdirError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   members = [population.Member(tuple(r['ops'][n] for n in setup.space.searchable_names), s, m)
              for (m, _), r in searched.items() for s in seeds]
   searched_records = population.train_population(setup, members, store_dir, workers=workers,

@@ -62,6 +62,14 @@ def get_search_config() -> ml_collections.ConfigDict:
   s.weight_sharing = 'none'  # 'none': each candidate owns its weights (the paper) | 'nested':
                              # a layer's candidates share kernels (centre / first channels of
                              # the largest), as superkernel and once-for-all SuperNets
+  s.vital_init = 'uniform'   # theta_vital at the start of stage 1: 'uniform' (zeros) |
+                             # 'targets' = the vital rows of a space proposal fitted to the
+                             # targets over all layers (S_vital first samples vital ops of
+                             # architectures that meet them)
+  s.arch_warmup = 0.0        # share of each stage's weight steps before theta / Theta / pi
+                             # start moving (D_val batches in that share are skipped): the
+                             # SuperNet's weights learn under the initial sampling first, as
+                             # FBNet, ProxylessNAS and SPOS warm up the weights
   s.arch_gradient = 'straight_through'  # how theta / Theta / pi learn from the D_val loss:
                              # 'straight_through' = the paper's differentiable estimator (the
                              # gates' d loss / d A through the ST sample; forward + backward);
@@ -80,7 +88,7 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.batch_size = 1024
   t.eval_batch_size = 1000
   t.eval_every_steps = 0     # 0 = evaluate at the end only
-  t.optimizer = 'sgd'        # 'sgd' | 'rmsprop'
+  t.optimizer = 'sgd'        # 'sgd' | 'rmsprop' | 'adamw' (weight_decay decoupled)
   t.learning_rate = 0.1      # per 256 images when lr_scaling == 'linear'
   t.lr_scaling = 'linear'    # 'linear' (x batch_size / 256) | 'none'
   t.schedule = 'cosine'      # 'cosine' | 'exponential' | 'constant'

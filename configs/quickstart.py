@@ -40,6 +40,8 @@ def get_config():
   s.tau_decay = 0.995
   s.weight_lr = 0.1
   s.arch_lr = 0.1
+  s.weight_sharing = 'nested'  # as configs/search_quality.py, where the benchmark chose them
+  s.vital_init = 'targets'
 
   config.retrain_after_search = True
   config.random_baseline = True

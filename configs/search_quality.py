@@ -38,6 +38,8 @@ def get_config():
   s.weight_lr = 0.025
   s.arch_lr = 0.1
   s.weight_sharing = 'nested'
+  s.vital_init = 'targets'    # benchmarks/search_quality.py: uniform theta_vital picks the vital
+                              # ops from noise here (README, Search quality)
 
   config.retrain_after_search = True
   config.random_baseline = False

@@ -9,7 +9,8 @@ Recipe pieces (config.train):
   MnasNet/EfficientNet: decay 0.9, momentum 0.9, eps 1e-3 inside the square root, mean square
   initialised to 1). Weight decay is added to the gradient of conv and dense kernels only
   (BatchNorm scales/biases and biases are not decayed, as the TF MnasNet/EfficientNet code),
-  before the optimizer, i.e. an L2 term in the loss.
+  before the optimizer, i.e. an L2 term in the loss. 'adamw' decouples it instead (the decay
+  lr x weight_decay x w beside Adam's step, on kernels only).
 - learning rate = learning_rate x batch_size / 256 when lr_scaling == 'linear'; linear warmup
   over warmup_epochs, then 'cosine' (to 0 at the end), 'exponential' (x decay_rate every
   decay_epochs, staircase, as TF's exponential_decay) or 'constant'.
@@ -40,7 +41,7 @@ class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
-OPTIMIZERS = ('sgd', 'rmsprop')
+OPTIMIZERS = ('sgd', 'rmsprop', 'adamw')
 SCHEDULES = ('cosine', 'exponential', 'constant')
 
 
@@ -76,6 +77,10 @@ def decay_mask(params):
 
 
 def make_optimizer(tcfg, schedule) -> optax.GradientTransformation:
+  if tcfg.optimizer == 'adamw':
+    # Decoupled weight decay (Loshchilov and Hutter), scaled by the schedule like the step.
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tcfg.weight_decay,
+                       mask=decay_mask)
   parts = []
   if tcfg.weight_decay:
     parts.append(optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask))

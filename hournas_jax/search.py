@@ -70,6 +70,7 @@ TEMPERATURES = sampling.TAU_MODES
 # How the architecture parameters get their gradient from the D_val loss: 'straight_through'
 # (the paper: d loss / d A through the straight-through sample) or 'reinforce' (score function).
 ARCH_GRADIENTS = ('straight_through', 'reinforce')
+VITAL_INITS = ('uniform', 'targets')
 BASELINE_DECAY = 0.9  # of the REINFORCE baseline's moving average
 _COUNTERS = ('step', 'tr_step', 'val_step', 'stage_step')
 # The exact search over the vital blocks' joint choices scores at most this many at once.
@@ -217,6 +218,13 @@ class Searcher:
                         f'of D_val, got {self.steps_per_epoch[0]} and {self.steps_per_epoch[1]}')
     if int(cfg.num_proposals) < 1:
       raise SearchError(f'search.num_proposals must be >= 1, got {cfg.num_proposals}')
+    self.vital_init = cfg.get('vital_init', 'uniform')
+    if self.vital_init not in VITAL_INITS:
+      raise SearchError(f'search.vital_init must be one of {", ".join(VITAL_INITS)}, got '
+                        f'{self.vital_init!r}')
+    self.arch_warmup = float(cfg.get('arch_warmup', 0.0))
+    if not 0.0 <= self.arch_warmup < 1.0:
+      raise SearchError(f'search.arch_warmup must be in [0, 1), got {self.arch_warmup}')
     self.val_every = int(cfg.val_every) or 4  # 80/20 split: one D_val batch per 4 D_tr batches
     self.tables = costs.cost_tables(space)
     self.mask = space.op_mask()
@@ -293,6 +301,8 @@ class Searcher:
       meta = {'stage': 'vital', 'vital_ops': {}}
       weights = self.engine(meta).init(seed, self.image_shape)
       theta = jnp.zeros((len(self.vital_names), len(self.space.op_names)))
+      if self.vital_init == 'targets' and self.vital_names:
+        theta = self._vital_theta_from_targets(seed)
       arch = {'theta': theta}
     else:
       meta = {'stage': 'nonvital', 'vital_ops': {}}
@@ -313,6 +323,34 @@ class Searcher:
 
   def stage(self, state) -> str:
     return state['meta']['stage']
+
+  def _vital_theta_from_targets(self, seed: int):
+    """theta_vital at the start of the vital stage with vital_init='targets': the vital rows of
+    one space proposal fitted to the targets over every searchable layer, so S_vital first
+    samples the vital ops of architectures that meet the targets, and the cross-entropy moves
+    theta away from there only where it has evidence."""
+    free, tables, mask, offset = proposals.restrict_tables(self.tables, self._fixed_indices({}))
+    key = jax.random.fold_in(jax.random.key(seed), 2 ** 30)
+    thetas = self._fitted_proposals(key, tables, mask, offset, 1, self.tau({'counters': {
+        'step': 0}}))
+    rows = [int(np.flatnonzero(free == r)[0]) for r in self.vital_rows]
+    return jnp.where(jnp.asarray(self.mask[self.vital_rows]), thetas[0, jnp.asarray(rows)], 0.0)
+
+  def _fitted_proposals(self, key, tables, mask, offset, num_proposals: int, tau):
+    """m space proposals fitted to the targets (Eqn 5), scaled for this search's sampler at
+    temperature `tau`."""
+    thetas, final_tau = proposals.optimize_proposals(
+        key, tables, mask, offset, self.targets, self.maxima, self.active,
+        num_proposals=int(num_proposals),
+        iterations=int(self.cfg.proposal_iterations) or proposals.DEFAULT_ITERATIONS)
+    if self.tau_mode == 'logits':
+      # The proposals were fitted so that softmax(theta / final_tau) meets the targets; the
+      # search samples at its own tau, so rescale theta to keep theta / tau, and with it the
+      # fitted distribution, as it is at `tau`.
+      return thetas * (tau / float(final_tau))
+    # Samples come from softmax(theta) whatever tau is, so the search's tau must not enter;
+    # theta / final_tau is the fitted distribution itself (final_tau is 1 by default).
+    return thetas / float(final_tau)
 
   def tau(self, state):
     """The temperature of the schedule at the state's iteration."""
@@ -405,19 +443,8 @@ class Searcher:
     except proposals.ProposalError as e:
       raise SearchError(f'after fixing the vital blocks: {e}') from None
     key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state['key'])), 2 ** 31)
-    thetas, final_tau = proposals.optimize_proposals(
-        key, tables, mask, offset, self.targets, self.maxima, self.active,
-        num_proposals=int(self.cfg.num_proposals),
-        iterations=int(self.cfg.proposal_iterations) or proposals.DEFAULT_ITERATIONS)
-    if self.tau_mode == 'logits':
-      # The proposals were fitted so that softmax(theta / final_tau) meets the targets; the
-      # search samples at its own tau, so rescale theta to keep theta / tau, and with it the
-      # fitted distribution, as it was at the start of this stage.
-      thetas = thetas * (self.tau(state) / float(final_tau))
-    else:
-      # Samples come from softmax(theta) whatever tau is, so the search's tau must not enter;
-      # theta / final_tau is the fitted distribution itself (final_tau is 1 by default).
-      thetas = thetas / float(final_tau)
+    thetas = self._fitted_proposals(key, tables, mask, offset, int(self.cfg.num_proposals),
+                                    self.tau(state))
     arch = {'thetas': thetas, 'pi': jnp.zeros((int(self.cfg.num_proposals),))}
     out = {'arch': arch, 'arch_opt': self._arch_tx.init(arch)}
     if self.reinforce:  # the baseline averages the losses of the current stage only
@@ -555,7 +582,9 @@ class Searcher:
       counters['tr_step'] += 1
       out.update(loss=float(metrics['loss']), accuracy=float(metrics['accuracy']), lr=lr)
 
-    if needs_val:
+    if needs_val and self._warming_up(stage, stage_weight_steps):
+      counters['val_step'] += 1  # the D_val batch is passed over: theta waits for the weights
+    elif needs_val:
       key = self._key(state, 1)
       idx, a = sample_ops(state['arch'], key, tau)
       if self.reinforce:
@@ -579,6 +608,11 @@ class Searcher:
     if counters['stage_step'] >= self.stage_iterations(stage):
       state = self._advance(state)
     return state, out
+
+  def _warming_up(self, stage: str, stage_weight_steps: int) -> bool:
+    """Whether architecture steps still wait (the first arch_warmup share of the stage's
+    weight steps)."""
+    return stage_weight_steps < self.arch_warmup * self.stage_steps[stage]
 
   def _weight_step(self, engine, weights, batch, layers, idx, a, lr):
     if isinstance(engine, wholenet.WholeNetEngine):

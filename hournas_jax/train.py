@@ -126,12 +126,18 @@ def validate_config(config) -> None:
   for key in ('vital_epochs', 'nonvital_epochs', 'vital_steps', 'nonvital_steps', 'val_every'):
     _check(s[key] >= 0, f'config.search.{key} must be >= 0')
   _check(s.num_proposals >= 1, 'config.search.num_proposals must be >= 1')
+  _check(_finite(s.arch_lr) and s.arch_lr >= 0 and _finite(s.weight_lr) and s.weight_lr > 0,
+         f'config.search.weight_lr must be > 0 and config.search.arch_lr >= 0 (0 = the '
+         f'architecture never moves), got {s.weight_lr!r} and {s.arch_lr!r}')
+  _check(_finite(s.arch_warmup) and 0 <= s.arch_warmup < 1,
+         f'config.search.arch_warmup must be in [0, 1), got {s.arch_warmup!r}')
   _check(s.tau0 > 0 and 0 < s.tau_decay <= 1,
          'config.search.tau0 must be > 0 and config.search.tau_decay in (0, 1]')
   from hournas_jax import search  # pylint: disable=g-import-not-at-top
   for key, allowed in (('schedule', search.SCHEDULES), ('temperature', search.TEMPERATURES),
                        ('weight_sharing', search.WEIGHT_SHARING),
-                       ('arch_gradient', search.ARCH_GRADIENTS)):
+                       ('arch_gradient', search.ARCH_GRADIENTS),
+                       ('vital_init', search.VITAL_INITS)):
     _check(s[key] in allowed, f'config.search.{key} must be one of {", ".join(allowed)}, got '
            f'{s[key]!r}')
   _check(config.stem_stride in (1, 2), f'config.stem_stride must be 1 or 2, got '
@@ -341,7 +347,8 @@ def comparison_text(c: Mapping) -> str:
 # versions behaved as, so that their workdirs still resume.
 SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
                             'search.temperature': 'logits', 'search.weight_sharing': 'none',
-                            'search.arch_gradient': 'straight_through'}
+                            'search.arch_gradient': 'straight_through',
+                            'search.arch_warmup': 0.0, 'search.vital_init': 'uniform'}
 
 
 def search_fingerprint(setup: Setup) -> dict:

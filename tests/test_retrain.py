@@ -75,6 +75,19 @@ def test_weight_decay_only_on_kernels_and_tf_rmsprop():
   assert float(updates['w'][0]) == pytest.approx(-0.1 * 2.0 / np.sqrt(ms + 1e-3), rel=1e-5)
 
 
+def test_adamw_decays_kernels_apart_from_the_adaptive_step():
+  params = {'Conv_0': {'kernel': jnp.full((1, 1, 1, 1), 2.0)},
+            'BatchNorm_0': {'scale': jnp.full((1,), 2.0)}}
+  grads = {'Conv_0': {'kernel': jnp.full((1, 1, 1, 1), 0.3)},
+           'BatchNorm_0': {'scale': jnp.full((1,), 0.3)}}
+  tx = retrain.make_optimizer(recipe(optimizer='adamw', weight_decay=0.1), 0.01)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # First Adam step: bias-corrected m / sqrt(v) = sign(g); the decay lr * wd * w only on kernels.
+  assert float(updates['Conv_0']['kernel'].ravel()[0]) == pytest.approx(
+      -0.01 * (1.0 + 0.1 * 2.0), rel=1e-4)
+  assert float(updates['BatchNorm_0']['scale'][0]) == pytest.approx(-0.01, rel=1e-4)
+
+
 def test_baseline_budget_is_the_targets_set_or_the_architecture_own_cost():
   space = spaces.get_space('fbnet', resolution=224)
   ops = arch_lib.preset('hournas_a').ops

@@ -497,6 +497,69 @@ def test_epoch_schedule_is_algorithm_1_and_resumes_exactly():
     np.testing.assert_array_equal(x, y)
 
 
+def test_arch_warmup_holds_the_architecture_for_its_share_of_each_stage():
+  """arch_warmup=0.5 with 8 weight steps a stage and an architecture step every 2: the D_val
+  batches of weight steps 0-3 pass without an update (the batches asked for stay the same), and
+  every architecture step after them moves theta (stage 1) or Theta / pi (stage 2)."""
+  grad = lambda a: a  # d loss / d A = A: every step pushes the sampled ops down
+  s = search.Searcher(SPACE, _config(arch_warmup=0.5), _targets(), (RES, RES, 3), 8, 8)
+  _stub_networks(s, grad_a=grad)
+  state = s.init(0)
+  arch_before = jax.tree.map(np.asarray, state['arch'])
+  moved = []
+  metrics = []
+  while s.stage(state) != 'done':
+    before = jax.tree.map(np.asarray, state['arch'])
+    stage = s.stage(state)
+    needs = s.batches_needed(state)
+    state, m = s.train_step(state, _data() if needs[0] else None, _data() if needs[1] else None)
+    metrics.append(m)
+    if needs[1] and stage == s.stage(state):
+      moved.append(any(not np.array_equal(x, y) for x, y in zip(
+          jax.tree.leaves(before), jax.tree.leaves(state['arch']))))
+  # Per stage: val steps after weight steps 1, 3 (warm-up), 5, 7 (last one ends the stage).
+  assert moved == [False, False, True, False, False, True]
+  assert [('val_loss' in m) for m in metrics if m['stage'] == 'vital'] == [
+      False, False, False, False, False, True, False, True]
+  assert state['counters']['val_step'] == 8
+  # The vital stage's last architecture step (it ends the stage) moved theta too.
+  assert not np.array_equal(np.asarray(state['meta']['theta_vital']), arch_before['theta'])
+  with pytest.raises(search.SearchError, match=r'search.arch_warmup must be in \[0, 1\)'):
+    search.Searcher(SPACE, _config(arch_warmup=1.0), _targets(), (RES, RES, 3), 2, 2)
+
+
+def test_vital_init_targets_starts_stage_one_where_architectures_meet_the_targets():
+  """With vital_init='targets', theta_vital starts as a proposal fitted to the targets: nearly
+  all its probability sits on vital choices that the other layers can complete to within 5% of
+  the targets; uniform theta puts much less there. (Targets at the light end of the space,
+  where heavy vital ops strand them.)"""
+  targets = _targets(('k3e1', 'k3e1', 'skip', 'k3e1', 'skip'))
+  fitted = search.Searcher(SPACE, _config(vital_init='targets'), targets, (RES, RES, 3), 4, 4)
+  uniform = search.Searcher(SPACE, _config(), targets, (RES, RES, 3), 4, 4)
+  assert np.all(np.asarray(uniform.init(0)['arch']['theta']) == 0.0)
+  tables = fitted.tables.stacked()[:, fitted.vital_rows]
+  low, high = fitted._others_range
+  t = fitted.targets
+
+  def mass_meeting_targets(theta, tau):
+    logits = np.where(fitted.mask[fitted.vital_rows], np.asarray(theta) / tau, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    total = 0.0
+    for choice in itertools.product(*[np.flatnonzero(row) for row in
+                                      fitted.mask[fitted.vital_rows]]):
+      cost = sum(tables[:, l, o] for l, o in enumerate(choice))
+      if np.all((low + cost <= 1.05 * t) & (high + cost >= 0.95 * t)):
+        total += np.prod([probs[l, o] for l, o in enumerate(choice)])
+    return total
+
+  tau0 = float(fitted.cfg.tau0)
+  started = mass_meeting_targets(fitted.init(0)['arch']['theta'], tau0)
+  assert started > 0.9 and started > mass_meeting_targets(np.zeros_like(tables[0]), tau0) + 0.2
+  with pytest.raises(search.SearchError, match='search.vital_init must be one of'):
+    search.Searcher(SPACE, _config(vital_init='proposal'), targets, (RES, RES, 3), 2, 2)
+
+
 def test_steps_given_the_wrong_batches_and_bad_settings_are_refused():
   s = search.Searcher(SPACE, _config(schedule='epoch'), _targets(), (RES, RES, 3), 2, 2,
                       tr_steps_per_epoch=2, val_steps_per_epoch=1)
