@@ -147,8 +147,23 @@ def _train_architecture(setup, recipe: str, members: Sequence[Member]) -> list[d
 _WORKER_SETUP = None
 
 
+def exit_with_parent(poll_s: float = 2.0) -> None:
+  """Ends this process (from a daemon thread) once its parent is gone: a pool's workers
+  outlive a parent that was killed, and would go on training for nobody."""
+  import threading  # pylint: disable=g-import-not-at-top
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(poll_s)
+      if os.getppid() != parent:
+        os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True, name='exit_with_parent').start()
+
+
 def _init_worker(config, workdir):
   global _WORKER_SETUP
+  exit_with_parent()
   from hournas_jax import train  # pylint: disable=g-import-not-at-top
   train.configure_jax(config)
   _WORKER_SETUP = train.resolve_setup(config, workdir)

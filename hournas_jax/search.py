@@ -708,12 +708,43 @@ class Searcher:
     layers = self.choice_layers(meta)
     rows = [self.space.searchable_names.index(n) for n in layers]
     k = int(jnp.argmax(state['arch']['pi']))
-    best = np.asarray(sampling.argmax_ops(state['arch']['thetas'][k],
-                                          jnp.asarray(self.mask[rows])))
+    theta = np.asarray(state['arch']['thetas'][k], np.float64)
+    best = np.asarray(sampling.argmax_ops(theta, jnp.asarray(self.mask[rows])))
     chosen = self._frozen(meta)
+    frozen_cost = sum((self.tables.stacked()[:, self.space.searchable_names.index(n),
+                                             self.space.op_names.index(o)]
+                       for n, o in chosen.items()), np.zeros(2))
+    best = self._within_targets(theta, rows, best, frozen_cost, int(state['seed']))
     chosen.update({n: self.space.op_names[int(i)] for n, i in zip(layers, best)})
     return arch_lib.Architecture(self.space.name,
                                  tuple(chosen[n] for n in self.space.searchable_names))
+
+  def _within_targets(self, theta, rows, mode, frozen_cost, seed: int, samples: int = 20000,
+                      tolerance: float = proposals.TOLERANCE):
+    """The proposal's most probable architecture (`mode`, op indices of `rows`) when it lies
+    within `tolerance` of every active target; otherwise the most probable of `samples` draws
+    from the proposal that does (the mode of a distribution that meets the targets need not
+    meet them itself), or the mode when no draw does."""
+    tables = self.tables.stacked()[:, rows]  # [R, L, O]
+    offset = np.array([self.tables.fixed_params, self.tables.fixed_flops]) + frozen_cost
+    t = np.where(self.active, self.targets, 1.0)
+
+    def meets(idx):  # idx [n, L] -> [n]
+      cost = offset[:, None] + tables[:, np.arange(len(rows)), idx].sum(-1)
+      return np.all((np.abs(cost - t[:, None]) <= tolerance * t[:, None]) |
+                    ~self.active[:, None], axis=0)
+    if meets(np.asarray(mode)[None])[0]:
+      return mode
+    logits = np.where(self.mask[rows], theta, -np.inf)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    rng = np.random.default_rng([seed, 0x4d4f4445])
+    idx = np.argmax(logp[None] + rng.gumbel(size=(samples, *logp.shape)), axis=-1)
+    ok = meets(idx)
+    if not ok.any():
+      return mode
+    score = np.where(ok, logp[np.arange(len(rows)), idx].sum(-1), -np.inf)
+    return idx[int(np.argmax(score))]
 
   def result(self, state) -> dict:
     architecture = self.architecture(state)

@@ -2,6 +2,10 @@
 
 import json
 import math
+import pathlib
+import subprocess
+import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -10,6 +14,8 @@ import pytest
 from configs import default as default_lib
 from hournas_jax import costs, population, ranking, spaces, train
 from spaces_for_tests import toy_space
+
+REPO_ROOT = pathlib.Path(__file__).parent.parent
 
 
 def _setup(tmp_path, **train_overrides):
@@ -143,3 +149,34 @@ def test_comparison_text_weighs_the_gap_against_the_noise():
   single = train.comparison_text(_comparison(0.95, [0.90, 0.94], seed_std=float('nan'),
                                              seeds=1))
   assert 'config.baseline.seeds >= 2' in single
+
+
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
+  """exit_with_parent (every pool worker calls it) ends a process whose parent died."""
+  ready = tmp_path / 'ready'
+  child_code = ('import pathlib, sys, time; from hournas_jax import population; '
+                'population.exit_with_parent(0.1); pathlib.Path(sys.argv[1]).touch(); '
+                'time.sleep(120)')
+  parent_code = ('import subprocess, sys, time; child = subprocess.Popen([sys.executable, "-c", '
+                 f'{child_code!r}, sys.argv[1]]); print(child.pid, flush=True); time.sleep(120)')
+  parent = subprocess.Popen([sys.executable, '-c', parent_code, str(ready)],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+  child = int(parent.stdout.readline())
+  deadline = time.time() + 120
+  while not ready.exists() and time.time() < deadline:
+    time.sleep(0.1)
+  assert ready.exists()
+
+  def alive(pid):
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        return f.read().split(') ')[1][0] not in 'ZX'
+    except FileNotFoundError:
+      return False
+  assert alive(child)
+  parent.kill()
+  parent.wait()
+  deadline = time.time() + 20
+  while alive(child) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not alive(child)
