@@ -209,8 +209,7 @@ def _run_search(task):
 
 
 def run_searches(base, out, methods_seeds, workers):
-  from hournas_jax import population  # pylint: disable=g-import-not-at-top
-  from hournas_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import checkpoint, population, train  # pylint: disable=g-import-not-at-top
   tasks = [(method_config(base, m, s), search_dir(out, m, s)) for m, s in methods_seeds]
   pending = [t for t in tasks if not os.path.exists(os.path.join(t[1], 'search_time.json'))]
   for config, workdir in tasks:

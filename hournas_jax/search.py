@@ -9,7 +9,13 @@ Stage 'nonvital': m space proposals Theta are optimised for the targets on the c
 the remaining layers (seconds, `proposals.py`); pi over proposals starts uniform. Each step
 samples a proposal from pi and an architecture from it (Appendix C); weights train on D_tr, and
 pi and Theta update on D_val with cross-entropy + alpha * the resource term (Eqn 6). The result
-takes the proposal with the highest pi and each layer's most probable op.
+takes the proposal with the highest pi and each layer's most probable op, or, when those miss a
+target by more than 5%, the most probable of the proposal's sampled architectures that do not.
+
+Where stage 1 starts (`search.vital_init`): 'uniform' theta_vital (the paper), or 'targets', the
+vital rows of one space proposal fitted to the targets over every layer. `search.arch_warmup`
+holds theta / Theta / pi still for that share of each stage's weight steps (the D_val batches
+are passed over), so the weights learn under the initial sampling first.
 
 Schedule (`search.schedule`): 'interleaved' takes one D_val architecture step after every
 `val_every` D_tr weight steps; 'epoch' is Algorithm 1 as written: each epoch, a full pass of
