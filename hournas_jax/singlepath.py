@@ -182,15 +182,21 @@ class SinglePathEngine:
     As `arch_grads` without the backward pass through the blocks: weights are not updated,
     BatchNorm running statistics are, the same way. Returns (state, metrics).
     """
-    chain, _, x, new_stats = self._run_forward(state, images, path)
-    params, stats = state['params'], state['batch_stats']
+    _, _, _, new_stats, metrics, _ = self._path_head(state, images, labels, path)
+    return {**state, 'batch_stats': new_stats}, metrics
+
+  def _path_head(self, state, images, labels, path: Mapping[str, str]):
+    """The sampled path's forward and its head's loss, weights untouched: (chain, inputs to
+    each block, the head's input, BatchNorm statistics updated along the path, metrics,
+    d loss / d head input)."""
+    chain, inputs, x, new_stats = self._run_forward(state, images, path)
     name, op = chain[-1]
     c = self._candidates[name, op]
-    metrics, _, _, _, s = self._head_loss(
-        c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+    metrics, gy, _, _, s = self._head_loss(
+        c, _take(state['params'], name, c.param_keys), _take(state['batch_stats'], name, (op,)),
         _take(state['opt_state'], name, c.param_keys), x, labels, 0.0)
     _put(new_stats, name, s)
-    return {**state, 'batch_stats': new_stats}, metrics
+    return chain, inputs, x, new_stats, metrics, gy
 
   def arch_grads(self, state, images, labels, path: Mapping[str, str]):
     """Loss of the sampled path and d loss / d A[l, o_l] for every choice layer.
@@ -198,14 +204,8 @@ class SinglePathEngine:
     Weights are not updated; BatchNorm running statistics are (the layers run in training
     mode, as in PyTorch implementations). Returns (state, metrics, {layer: gate gradient}).
     """
-    chain, inputs, x, new_stats = self._run_forward(state, images, path)
+    chain, inputs, x, new_stats, metrics, gy = self._path_head(state, images, labels, path)
     params, stats = state['params'], state['batch_stats']
-    name, op = chain[-1]
-    c = self._candidates[name, op]
-    metrics, gy, _, _, s = self._head_loss(
-        c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
-        _take(state['opt_state'], name, c.param_keys), x, labels, 0.0)
-    _put(new_stats, name, s)
     outputs = inputs[1:] + [x]
     gates = {}
     first_choice = min((i for i, (n, _) in enumerate(chain) if n in self.choice_layers),
