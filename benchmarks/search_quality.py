@@ -316,10 +316,8 @@ def markdown(report) -> str:
 
 
 def plot(path, report):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(8, 3.2 + 0.35 * len(report['methods'])))
+  from hournas_jax import analysis  # pylint: disable=g-import-not-at-top
+  fig, ax = analysis.new_figure(figsize=(8, 3.2 + 0.35 * len(report['methods'])))
   rows = [('random', report['random']['top1'])] + [(k, v['top1'])
                                                    for k, v in report['methods'].items()]
   for i, (name, values) in enumerate(rows):
@@ -336,7 +334,6 @@ def plot(path, report):
                '(lines: random 25th/50th/75th percentiles)', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------

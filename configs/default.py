@@ -5,8 +5,10 @@ The config is locked: overriding a field that does not exist is an error.
 
 Schema (every field, with its meaning):
   mode                  'search' (search, write arch.json/summary.txt/plots, then retrain if
-                        retrain_after_search), 'train' (train train.arch from scratch) or
-                        'eval' (evaluate the trained model saved in the workdir).
+                        retrain_after_search), 'train' (train train.arch from scratch),
+                        'eval' (evaluate the trained model saved in the workdir), or one of
+                        the block-importance analyses 'masking', 'sensitivity', 'saturation'
+                        (analysis.*; configs/analysis_*.py).
   seed                  seeds initialisation, sampling and the data order.
   space, width          search space (fbnet, fbnet_enlarged, mnasnet, efficientnet,
                         fbnet_shallow) and its channel multiplier.
@@ -23,6 +25,7 @@ Schema (every field, with its meaning):
                         one with several seeds (baseline.*: how many, seeds, processes) and
                         report where the searched one falls among them, against the noise.
   train.*               the retraining recipe (see below).
+  analysis.*            the block-importance analyses (see below).
   checkpoint_every_steps, keep_checkpoints, log_every_steps, tensorboard, proposal_samples,
   xla_fast_compile, compilation_cache_dir, multi_host   see the comments below.
 """
@@ -103,6 +106,8 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.label_smoothing = 0.1
   t.ema_decay = 0.0          # > 0: evaluate an exponential moving average of the weights
   t.dropout_rate = 0.0       # before the classifier
+  t.snapshot_every_epochs = 0.0  # > 0: keep the weights every this many epochs (and at steps
+                             # 0 and the last) in <run>/snapshots, for the saturation analysis
   return t
 
 
@@ -113,6 +118,22 @@ def get_baseline_config() -> ml_collections.ConfigDict:
   b.seeds = 2                # training seeds of each (and of the searched one): the noise
   b.workers = 0              # processes training at once; 0 = one per core on a CPU, 1 else
   return b
+
+
+def get_analysis_config() -> ml_collections.ConfigDict:
+  """The block-importance analyses (modes 'masking', 'sensitivity', 'saturation')."""
+  a = ml_collections.ConfigDict()
+  a.blocks = ''              # comma-separated blocks to mask ('' = the stem and every
+                             # searchable layer) or to enumerate ('' = every searchable layer)
+  a.mask_probabilities = '0.3,0.6,1.0'  # p of M(y, p): each output channel zeroed with p
+  a.mask_draws = 5           # masks drawn per (block, p); accuracies averaged over them
+  a.backbones = 'k3e1,k3e3,k3e6,k5e1,k5e3,k5e6'  # sensitivity: the op every other block has
+  a.candidate_ops = 'k3e1,k3e3,k3e6,k5e1,k5e3,k5e6,skip'  # sensitivity: ops a block is
+                             # enumerated over (those it does not allow are left out)
+  a.seeds = 1                # sensitivity: training seeds per model
+  a.workers = 0              # sensitivity: processes training at once; 0 = one per core on a
+                             # CPU, 1 else
+  return a
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -139,6 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.random_baseline = False
   config.baseline = get_baseline_config()
   config.train = get_train_config()
+  config.analysis = get_analysis_config()
 
   config.checkpoint_every_steps = 1000  # and at every stage boundary / the end of a phase
   config.keep_checkpoints = 2           # complete checkpoints kept per phase

@@ -1,4 +1,4 @@
-"""Plots and the text summary of a search result (matplotlib, Agg backend, no display).
+"""Plots and the text summary of a search result, and the block-importance pictures.
 
 - theta.png: the op probabilities of every searchable layer as a heat map (layers x ops), the
   chosen op of each layer outlined, vital layers marked;
@@ -18,11 +18,22 @@ import numpy as np
 from hournas_jax import checkpoint, costs, proposals, spaces, vital
 
 
-def _pyplot():
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize, **subplots):
+  """(figure, axes) drawn without pyplot: no global backend switch and no global figure list,
+  so plotting here leaves a notebook's inline plots alone and never needs a display."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(nrows, ncols, **subplots)
+
+
+def rectangle(*args, **kwargs):
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+  return Rectangle(*args, **kwargs)
+
+
+def colormap(name: str):
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+  return matplotlib.colormaps[name]
 
 
 def _save(fig, path: str) -> None:
@@ -34,14 +45,13 @@ def _save(fig, path: str) -> None:
 def plot_theta(path: str, probabilities: Mapping[str, Mapping[str, float]],
                op_names: Sequence[str], chosen: Mapping[str, str] | None = None,
                vital: Sequence[str] = ()) -> None:
-  plt = _pyplot()
   layers = list(probabilities)
   grid = np.full((len(layers), len(op_names)), np.nan)
   for i, layer in enumerate(layers):
     for j, op in enumerate(op_names):
       if op in probabilities[layer]:
         grid[i, j] = probabilities[layer][op]
-  fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(op_names), 1.0 + 0.3 * len(layers)))
+  fig, ax = new_figure(figsize=(1.0 + 0.6 * len(op_names), 1.0 + 0.3 * len(layers)))
   image = ax.imshow(np.ma.masked_invalid(grid), cmap='viridis', vmin=0.0, vmax=1.0,
                     aspect='auto')
   ax.set_xticks(range(len(op_names)), op_names, rotation=45, ha='right')
@@ -50,17 +60,15 @@ def plot_theta(path: str, probabilities: Mapping[str, Mapping[str, float]],
   for i, layer in enumerate(layers):
     if chosen and layer in chosen and chosen[layer] in op_names:
       j = list(op_names).index(chosen[layer])
-      ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.5))
+      ax.add_patch(rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.5))
   ax.set_title('op probabilities per layer (red: chosen, *: vital)')
   fig.colorbar(image, ax=ax, fraction=0.04)
   _save(fig, path)
-  plt.close(fig)
 
 
 def plot_pi(path: str, pi: Sequence[float]) -> None:
-  plt = _pyplot()
   pi = np.asarray(pi, dtype=float).reshape(-1)
-  fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(pi), 3))
+  fig, ax = new_figure(figsize=(1.5 + 0.5 * len(pi), 3))
   ax.bar(np.arange(len(pi)), pi, color='tab:blue')
   ax.set_xticks(range(len(pi)), [str(i) for i in range(len(pi))])
   ax.set_xlabel('space proposal')
@@ -68,14 +76,12 @@ def plot_pi(path: str, pi: Sequence[float]) -> None:
   ax.set_ylim(0, max(1e-6, float(pi.max()) * 1.15) if pi.size else 1)
   ax.set_title('proposal sampler pi')
   _save(fig, path)
-  plt.close(fig)
 
 
 def plot_proposals(path: str, params: np.ndarray, flops: np.ndarray,
                    targets: Mapping[str, float] | None = None,
                    chosen: tuple[float, float] | None = None) -> None:
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5, 4))
+  fig, ax = new_figure(figsize=(5, 4))
   ax.scatter(np.asarray(params) / 1e6, np.asarray(flops) / 1e6, s=4, alpha=0.3,
              label=f'{len(params)} sampled architectures')
   targets = targets or {}
@@ -91,7 +97,6 @@ def plot_proposals(path: str, params: np.ndarray, flops: np.ndarray,
   ax.set_title('architectures sampled from the space proposals')
   ax.legend(fontsize=7, loc='best')
   _save(fig, path)
-  plt.close(fig)
 
 
 def layer_probabilities(space: spaces.SearchSpace, result: Mapping) -> dict:
@@ -182,3 +187,140 @@ def write_search_report(workdir: str, space: spaces.SearchSpace, result: Mapping
                    chosen if None not in chosen else None)
     written.append(path)
   return written
+
+
+# --------------------------------------------------------------------------------------------
+# Block importance (importance.py): Figure 2, Figure 4, Figure 5 of the paper.
+
+_VITAL_COLOR, _NON_VITAL_COLOR = 'tab:red', 'tab:green'
+
+
+def _mark_vital_ticks(ax, labels: Sequence[str], vital_flags: Sequence[bool]) -> None:
+  ax.set_xticks(range(len(labels)), labels, rotation=60, ha='right', fontsize=8)
+  for tick, is_vital in zip(ax.get_xticklabels(), vital_flags):
+    tick.set_color(_VITAL_COLOR if is_vital else _NON_VITAL_COLOR)
+
+
+def plot_masking(path: str, summary: Mapping) -> None:
+  """Accuracy with one block's output channels masked at a time (Figure 2): one line per p
+  (mean over draws, std as a band), vital blocks marked in red, the unmasked accuracy and
+  chance as horizontal lines."""
+  rows = summary['blocks']
+  x = np.arange(len(rows))
+  fig, ax = new_figure(figsize=(2.0 + 0.45 * len(rows), 3.8))
+  probabilities = summary['probabilities']
+  # Blues, darker for larger p (red and green mark vital and non-vital blocks).
+  colors = colormap('Blues')(np.linspace(0.45, 0.95, len(probabilities)))
+  for p, color in zip(probabilities, colors):
+    key = f'{p:g}'
+    mean = np.array([r['top1'][key]['mean'] for r in rows])
+    std = np.array([r['top1'][key]['std'] for r in rows])
+    ax.plot(x, 100 * mean, marker='o', ms=4, color=color, label=f'p = {key}')
+    ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.15, lw=0)
+  ax.axhline(100 * summary['reference_top1'], color='k', ls='--', lw=1, label='no mask')
+  ax.axhline(100 * summary['chance']['majority_class'], color='gray', ls=':', lw=1,
+             label='chance (majority class)')
+  for i, r in enumerate(rows):
+    if r['vital']:
+      ax.axvspan(i - 0.4, i + 0.4, color=_VITAL_COLOR, alpha=0.08, lw=0)
+  _mark_vital_ticks(ax, [r['block'] for r in rows], [r['vital'] for r in rows])
+  ax.set_ylabel('top-1 accuracy (%)')
+  ax.set_ylim(0, 100)
+  ax.set_title('accuracy with one block masked, M(y, p) (red: vital blocks)')
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  _save(fig, path)
+
+
+def plot_sensitivity(path: str, summary: Mapping) -> None:
+  """Per backbone, the mean accuracy over each block's ops with its std as an error bar, and
+  the std itself as bars (Figure 4(b)-(g)); vital blocks red, non-vital green."""
+  backbones = list(summary)
+  fig, axes = new_figure(2, len(backbones), figsize=(1.0 + 3.6 * len(backbones), 5.6),
+                           squeeze=False, sharey='row')  # backbones compare on one scale
+  for col, backbone in enumerate(backbones):
+    rows = summary[backbone]['blocks']
+    x = np.arange(len(rows))
+    colors = [_VITAL_COLOR if r['vital'] else _NON_VITAL_COLOR for r in rows]
+    mean = np.array([r['mean'] for r in rows])
+    std = np.array([r['std'] for r in rows])
+    top, bottom = axes[0][col], axes[1][col]
+    top.errorbar(x, 100 * mean, yerr=100 * np.nan_to_num(std), fmt='none', ecolor='gray',
+                 lw=1, capsize=2)
+    top.scatter(x, 100 * mean, c=colors, s=18, zorder=3)
+    top.set_title(f'backbone {backbone}', fontsize=9)
+    top.set_xticks([])
+    bottom.bar(x, 100 * np.nan_to_num(std), color=colors)
+    _mark_vital_ticks(bottom, [r['block'] for r in rows], [r['vital'] for r in rows])
+    unfinished = sum(r['models'] - r['finished'] for r in rows)
+    if unfinished:
+      bottom.set_title(f'{unfinished} models not trained yet', fontsize=7)
+    if col == 0:
+      top.set_ylabel('mean top-1 over ops (%)')
+      bottom.set_ylabel('std of top-1 over ops (%)')
+  fig.suptitle('block sensitivity: one block enumerated, the others fixed (red: vital)')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_saturation(path: str, epochs: Sequence[float], curves: Sequence[Mapping]) -> None:
+  """C_t of Eqn 7 per layer over epochs (Figure 5): vital layers in reds and solid, the others
+  in greens and dashed, each named in the legend."""
+  fig, ax = new_figure(figsize=(7.5, 4))
+  vital_rows = [c for c in curves if c['vital']]
+  other_rows = [c for c in curves if not c['vital']]
+  for rows, cmap, style in ((vital_rows, colormap('Reds'), '-'),
+                            (other_rows, colormap('Greens'), '--')):
+    for c, color in zip(rows, cmap(np.linspace(0.45, 0.95, max(len(rows), 1)))):
+      ax.plot(epochs, c['curve'], color=color, ls=style, lw=1.2,
+              label=f'{c["layer"]} ({c["op"]})' + (' *' if c['vital'] else ''))
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('saturation C_t = 1 - D(w_t, w_T) / D(w_0, w_T)')
+  ax.set_ylim(-0.05, 1.05)
+  ax.set_title('weight saturation per layer (Eqn 7; red, solid, *: vital)')
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  _save(fig, path)
+
+
+def plot_search_history(path: str, history: Sequence[Mapping],
+                        chosen: Mapping[str, str] | None = None) -> None:
+  """How theta and pi moved during a search, from the lines of <workdir>/search/history.jsonl:
+  per stage, the probability the search samples each layer's op with against the step (stage 1:
+  theta_vital; stage 2: the proposal with the highest pi at that step), and pi of every
+  proposal in stage 2. The op followed per layer is `chosen`'s (e.g. the result's ops), else the
+  stage's last most probable one."""
+  vital_records = [r for r in history if r['stage'] == 'vital']
+  nonvital_records = [r for r in history if r['stage'] == 'nonvital']
+  panels = []  # (title, records, what)
+  if vital_records and vital_records[-1]['probabilities']:
+    panels.append(('stage 1: theta_vital', vital_records, 'theta'))
+  if nonvital_records and 'pi' in nonvital_records[-1]:
+    panels.append(('stage 2: pi over the space proposals', nonvital_records, 'pi'))
+  if nonvital_records and nonvital_records[-1]['probabilities']:
+    panels.append(('stage 2: the proposal with the highest pi', nonvital_records, 'theta'))
+  if not panels:
+    raise ValueError('the search history has no distributions to plot')
+  fig, axes = new_figure(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+  for ax, (title, records, kind) in zip(axes[0], panels):
+    steps = [r['step'] for r in records]
+    if kind == 'pi':
+      pi = np.array([r['pi'] for r in records])
+      final = int(np.argmax(pi[-1]))
+      for k in range(pi.shape[1]):
+        ax.plot(steps, pi[:, k], lw=2.0 if k == final else 1.0,
+                color='tab:red' if k == final else 'tab:gray', alpha=1.0 if k == final else 0.5,
+                label=f'proposal {k} (highest at the end)' if k == final else None)
+      ax.set_ylabel('pi (softmax)')
+    else:
+      last = records[-1]['probabilities']
+      for layer in last:
+        op = (chosen or {}).get(layer)
+        if op not in last[layer]:
+          op = max(last[layer], key=last[layer].get)
+        ax.plot(steps, [r['probabilities'].get(layer, {}).get(op, np.nan) for r in records],
+                marker='.', ms=3, lw=1.2, label=f'{layer}: {op}')
+      ax.set_ylabel("p(op) at the step's tau")
+      ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel('search step')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
+  _save(fig, path)

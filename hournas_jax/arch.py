@@ -149,7 +149,8 @@ def preset(name: str) -> Architecture:
 
 
 def resolve(spec: str, space: spaces.SearchSpace) -> Architecture:
-  """An architecture from a preset name, a JSON file, or a comma-separated op list."""
+  """An architecture from a preset name, a JSON file, a comma-separated op list, or one op
+  name (that op at every searchable layer: a uniform backbone)."""
   if spec in PRESETS:
     arch = preset(spec)
     if arch.space != space.name:
@@ -157,7 +158,9 @@ def resolve(spec: str, space: spaces.SearchSpace) -> Architecture:
     return arch.validate(space)
   if spec.endswith('.json') or os.path.sep in spec or os.path.exists(spec):
     return load(spec, space)
-  if ',' in spec or spec in space.op_names:
+  if spec in space.op_names:
+    return Architecture(space.name, (spec,) * len(space.searchable_names)).validate(space)
+  if ',' in spec:
     return Architecture(space.name, tuple(o.strip() for o in spec.split(','))).validate(space)
   raise SpaceError(f'architecture {spec!r} is neither a preset ({", ".join(PRESETS)}), a JSON '
                    f'file, nor a comma-separated list of ops')

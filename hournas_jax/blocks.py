@@ -319,6 +319,13 @@ def make_block(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: str,
                           op.groups, layer.stride, se, act, name=name)
 
 
+def has_shortcut(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: str) -> bool:
+  """Whether `op_name` placed in `layer` adds its input to its output: the residual of an
+  inverted residual that keeps its shape, and `skip`, which is nothing but the shortcut."""
+  kind = space.ops[op_name].kind
+  return kind == 'skip' or (kind == 'ir' and layer.keeps_shape)
+
+
 def initial_value(seed: int, path: str, shape, dtype):
   """The initial value of one variable, named by its path in the variables tree.
 

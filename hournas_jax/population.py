@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -47,7 +47,7 @@ def recipe_fingerprint(setup) -> str:
   """A short hash of everything a member's result depends on besides its ops and seed."""
   space = setup.space
   train = {k: v for k, v in sorted(setup.config.train.to_dict().items())
-           if k not in ('arch', 'eval_batch_size', 'eval_every_steps')}
+           if k not in retrain.NOT_IN_FINGERPRINT}
   fields = {'dataset': setup.dataset, 'image_shape': list(setup.image_shape),
             'space': space.name, 'width': space.width, 'space_ops': list(space.op_names),
             'layers': [(l.name, l.in_channels, l.out_channels, l.stride) for l in space.layers],
@@ -195,12 +195,14 @@ def worker_pool(config, workdir: str, workers: int):
 
 
 def train_population(setup, members: Iterable[Member], directory: str, *, workers: int = 1,
-                     log_prefix: str = '[population]') -> list[dict]:
+                     log_prefix: str = '[population]',
+                     on_record: Callable[[dict], None] | None = None) -> list[dict]:
   """Trains every member not yet in <directory>/population.jsonl; returns the records of all
   `members` (finished earlier or now), in order.
 
   workers > 1 trains architectures in that many processes at once (CPU only: each process
-  would claim every accelerator); results are appended by this process alone.
+  would claim every accelerator); results are appended by this process alone. on_record is
+  called with each record once it is stored (e.g. to redraw a picture as a grid fills).
   """
   members = list(members)
   store = Store(directory)
@@ -214,14 +216,18 @@ def train_population(setup, members: Iterable[Member], directory: str, *, worker
       todo.append(m)
   if not todo:
     return [done[tuple(m.ops), int(m.seed)] for m in members]
-  logging_utils.info(f'{log_prefix} {len(members) - len(todo)} of {len(members)} members '
-                     f'already trained in {store.path}; training {len(todo)}'
+  trained = sum((tuple(m.ops), int(m.seed)) in done for m in members)
+  repeats = len(members) - trained - len(todo)
+  logging_utils.info(f'{log_prefix} {trained} of {len(members)} members already trained in '
+                     f'{store.path}; training {len(todo)}'
+                     + (f' ({repeats} listed more than once are trained once)' if repeats else '')
                      + (f' in {workers} processes' if workers > 1 else ''))
   by_architecture: dict[tuple[str, ...], list[Member]] = {}
   for m in todo:
     by_architecture.setdefault(tuple(m.ops), []).append(m)
   tasks = [(recipe, group) for group in by_architecture.values()]
   finished = 0
+  start = time.time()
 
   def record_all(records):
     nonlocal finished
@@ -230,7 +236,12 @@ def train_population(setup, members: Iterable[Member], directory: str, *, worker
         store.append(record)
       done[tuple(record['ops']), int(record['seed'])] = record
       finished += 1
-      logging_utils.info(f'{log_prefix} {finished}/{len(todo)} {_describe(record)}')
+      eta = (time.time() - start) / finished * (len(todo) - finished)
+      logging_utils.info(f'{log_prefix} {finished}/{len(todo)} {_describe(record)}'
+                         + (f' | ETA {logging_utils.format_duration(eta)}'
+                            if finished < len(todo) else ''))
+      if on_record is not None:
+        on_record(record)
 
   if workers > 1 and len(tasks) > 1 and jax.default_backend() == 'cpu':
     with worker_pool(setup.config, setup.workdir, workers) as pool:

@@ -620,14 +620,13 @@ def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau,
                  samples, space_name, taus=(5.0, 2.0, 1.0, 0.2)):
   """Figure 3: sampled architectures' params (M) against FLOPs (M) at falling temperatures:
   `taus` and the final tau of the optimisation (marked), one panel each."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from hournas_jax import analysis  # pylint: disable=g-import-not-at-top  (analysis imports this)
 
   taus = sorted({float(t) for t in taus if not math.isclose(t, final_tau, rel_tol=0.01)}
                 | {final_tau}, reverse=True)
   m = thetas.shape[0]
-  fig, axes = plt.subplots(1, len(taus), figsize=(4 * len(taus), 4), sharex=True, sharey=True)
+  fig, axes = analysis.new_figure(1, len(taus), figsize=(4 * len(taus), 4), sharex=True,
+                                  sharey=True)
   for ax, tau in zip(np.atleast_1d(axes), taus):
     _, idx = sample_two_level(key, thetas, jnp.zeros(m), tau, jnp.asarray(mask), n=samples)
     c = architecture_costs(np.asarray(idx), tables, offset) / 1e6
@@ -639,8 +638,8 @@ def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau,
       ax.axhline(targets[1] / 1e6, color='tab:red', ls='--', lw=1)
     if active.all():  # the +-5% box around the targets
       lo, hi = (1 - TOLERANCE) * targets / 1e6, (1 + TOLERANCE) * targets / 1e6
-      ax.add_patch(plt.Rectangle((lo[0], lo[1]), hi[0] - lo[0], hi[1] - lo[1], fill=False,
-                                 edgecolor='tab:red', lw=1))
+      ax.add_patch(analysis.rectangle((lo[0], lo[1]), hi[0] - lo[0], hi[1] - lo[1],
+                                      fill=False, edgecolor='tab:red', lw=1))
     final = ' (final)' if tau == final_tau else ''
     ax.set_title(f'tau = {tau:.3g}{final}: {share:.1%} within 5%')
     ax.set_xlabel('params (M)')
@@ -648,7 +647,6 @@ def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau,
   fig.suptitle(f'{samples} architectures sampled from {m} space proposals ({space_name})')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _print_summary(s: dict) -> None:

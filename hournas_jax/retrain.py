@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hournas_jax import checkpoint
@@ -233,6 +234,50 @@ class RunPaths:
   def results(self) -> str:
     return os.path.join(self.run_dir, 'results.json')
 
+  @property
+  def snapshots(self) -> str:
+    return os.path.join(self.run_dir, 'snapshots')
+
+
+# --------------------------------------------------------------------------------------------
+# Weight snapshots (config.train.snapshot_every_epochs), for the saturation curves of Eqn 7.
+
+
+def snapshot_interval(tcfg, steps_per_epoch: int) -> int:
+  """Steps between weight snapshots; 0 = none are kept."""
+  every = float(tcfg.get('snapshot_every_epochs', 0.0))
+  return max(1, int(round(every * steps_per_epoch))) if every > 0 else 0
+
+
+def save_snapshot(directory: str, step: int, params) -> None:
+  """The parameters at `step` as <directory>/step_<step>.npz (written whole or not at all)."""
+  if jax.process_index() != 0:
+    return
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  flat = traverse_util.flatten_dict(mesh_lib.to_host(params), sep='/')
+  path = os.path.join(directory, f'step_{step:09d}.npz')
+  tmp = f'{path}.tmp'
+  with open(tmp, 'wb') as f:
+    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+  os.replace(tmp, path)
+
+
+def load_snapshots(directory: str) -> list[tuple[int, dict]]:
+  """[(step, params tree)] of every snapshot in `directory`, in step order."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    return []
+  out = []
+  for name in sorted(os.listdir(directory)):
+    if not (name.startswith('step_') and name.endswith('.npz')):
+      continue
+    with np.load(os.path.join(directory, name)) as arrays:
+      flat = {k: arrays[k] for k in arrays.files}
+    out.append((int(name[len('step_'):-len('.npz')]),
+                traverse_util.unflatten_dict(flat, sep='/')))
+  return out
+
 
 def total_steps(tcfg, steps_per_epoch: int) -> int:
   if tcfg.steps > 0:
@@ -263,11 +308,11 @@ def fingerprint(config, setup, ops) -> dict:
           'stem_stride': setup.space.stem_stride,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed), 'ops': list(ops),
           **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items())
-             if k not in _NOT_IN_FINGERPRINT}}
+             if k not in NOT_IN_FINGERPRINT}}
 
 
 # Fields that do not change what training computes: a rerun may change them.
-_NOT_IN_FINGERPRINT = ('arch', 'eval_batch_size', 'eval_every_steps')
+NOT_IN_FINGERPRINT = ('arch', 'eval_batch_size', 'eval_every_steps', 'snapshot_every_epochs')
 
 
 def eval_batches(setup, batch_size: int):
@@ -309,6 +354,8 @@ def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train'
     latest = ckpt.latest_step()
     if latest is None:
       state = trainer.init()
+      if snapshot_interval(tcfg, steps_per_epoch):
+        save_snapshot(paths.snapshots, 0, state['params'])
       logging_utils.info(f'[{phase}] training {setup.space.name} from scratch: {total} steps '
                          f'({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}), batch '
                          f'{tcfg.batch_size}, on {mesh_lib.describe(setup.mesh)}')
@@ -353,6 +400,7 @@ def _train_loop(config, setup, trainer, state, step, total, ckpt, meta, phase, p
   log_every = max(1, config.log_every_steps)
   ckpt_every = max(1, config.checkpoint_every_steps)
   eval_every = max(0, tcfg.eval_every_steps)
+  snapshot_every = snapshot_interval(tcfg, trainer.steps_per_epoch)
   sums, count = None, 0
   loss_since_check = jnp.zeros(())
   while step < total:
@@ -375,6 +423,8 @@ def _train_loop(config, setup, trainer, state, step, total, ckpt, meta, phase, p
       loss_since_check = jnp.zeros(())
       ckpt.save(step, {**state, 'meta': meta})
       last_good = step
+    if snapshot_every and (step % snapshot_every == 0 or step == total):
+      save_snapshot(paths.snapshots, step, state['params'])
     if eval_every and step % eval_every == 0 and step < total:
       results = trainer.evaluate(state, eval_batches(setup, tcfg.eval_batch_size))
       logging_utils.info(f'[{phase}] step {step}: eval top-1 {100 * results["top1"]:.2f}%')

@@ -147,14 +147,20 @@ class SuperNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, path: Mapping[str, str] | None = None, gates=None, weights=None,
-               train: bool = True):
+               train: bool = True, channel_masks=None):
     """Runs a path or the weighted sum of all candidates.
 
     path: layer name -> op for the searchable layers that hold several candidates (layers with
       one candidate run it). gates: optional layer name -> scalar multiplying that layer's
       output: the straight-through value A[l, o] of the sampled op (1.0 in value).
     weights: layer name -> [len(ops)] weights; when given, every candidate runs (all-ops mode).
+    channel_masks: optional layer name -> [out_channels] multipliers of that layer's output
+      channels (the masking function M(y, p) of Section 3.1). A block with a shortcut keeps it:
+      only its residual branch y - x is masked, so a fully masked non-vital block is the
+      identity, as in the paper's Figure 2 (a path, not all-ops mode).
     """
+    if channel_masks is not None and weights is not None:
+      raise ValueError('channel_masks apply to a path, not to the weighted sum of all ops')
     for layer, ops in self.active_layers:
       block = SuperBlock(self.space, layer, ops,
                          self.dropout_rate if layer.name == 'head' else 0.0,
@@ -166,6 +172,9 @@ class SuperNet(nn.Module):
         y = block(x, op=op, train=train)
         if gates is not None and layer.name in gates:
           y = y * gates[layer.name]
+        if channel_masks is not None and layer.name in channel_masks:
+          mask = channel_masks[layer.name].astype(y.dtype)
+          y = x + mask * (y - x) if blocks.has_shortcut(self.space, layer, op) else mask * y
         x = y
     return x
 

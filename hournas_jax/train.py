@@ -9,16 +9,22 @@ Modes (config.mode):
 - 'train': trains config.train.arch from scratch ('' = the workdir's arch.json, a preset name,
   a JSON file or comma-separated ops), and the random baseline when configured.
 - 'eval': loads the trained model(s) saved in the workdir and evaluates them.
+- 'masking', 'sensitivity', 'saturation': the block-importance analyses of the paper's
+  Figure 2, Appendix A and Appendix B (`importance_modes.py`; config.analysis).
 
 Workdir layout:
     config.json         the resolved config of the latest run (rewritten by every run)
     fingerprint.json    the fields that matter, per phase; a run of another config is refused
     search/checkpoints  orbax checkpoints of the search state
+    search/history.jsonl  the distributions the search samples from (theta_vital; pi and the
+                        leading proposal), one line per progress line
     arch.json, summary.txt, theta.png, pi.png, proposals.png   the search result
     train/checkpoints, train/results.json     retraining of the searched (or given) arch
     baseline/population.jsonl, comparison.json   the searched architecture and random ones
                         of its budget, trained with several seeds (config.baseline)
     eval_results.json   written by 'eval' mode
+    masking.json/png, sensitivity.json/png (+ sensitivity/population.jsonl),
+    saturation.json/png (+ train/snapshots)   written by the analysis modes
     tensorboard/<phase> event files
 Every run continues from the latest complete checkpoint of the phase it is in, so a killed run
 restarted with the same command ends as an uninterrupted one would.
@@ -27,6 +33,7 @@ restarted with the same command ends as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -43,9 +50,10 @@ from hournas_jax import logging_utils
 from hournas_jax import mesh as mesh_lib
 from hournas_jax import proposals
 from hournas_jax import retrain
+from hournas_jax import sampling
 from hournas_jax import spaces
 
-MODES = ('search', 'train', 'eval')
+MODES = ('search', 'train', 'eval', 'masking', 'sensitivity', 'saturation')
 SAMPLERS = ('gumbel_max', 'gumbel_softmax')
 
 
@@ -59,9 +67,10 @@ class SearchError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """The exception types main.py reports as one `error: ...` line (no traceback)."""
+  from hournas_jax import importance  # pylint: disable=g-import-not-at-top
   errors = [spaces.SpaceError, data.DataError, proposals.ProposalError, ConfigError,
             SearchError, checkpoint.CheckpointError, checkpoint.WorkdirError,
-            retrain.TrainingError]
+            retrain.TrainingError, importance.AnalysisError]
   try:
     from hournas_jax import search  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -164,6 +173,16 @@ def validate_config(config) -> None:
   _check(b.architectures >= 2 and b.seeds >= 1 and b.workers >= 0,
          'config.baseline.architectures must be >= 2, baseline.seeds >= 1 and baseline.workers '
          '>= 0')
+  _check(_finite(t.snapshot_every_epochs) and t.snapshot_every_epochs >= 0,
+         'config.train.snapshot_every_epochs must be >= 0 (0 = no weight snapshots)')
+  a = config.analysis
+  _check(a.mask_draws >= 1 and a.seeds >= 1 and a.workers >= 0,
+         'config.analysis.mask_draws and analysis.seeds must be >= 1 and analysis.workers >= 0')
+  from hournas_jax import importance  # pylint: disable=g-import-not-at-top
+  try:
+    importance.parse_probabilities(a.mask_probabilities)
+  except importance.AnalysisError as e:
+    raise ConfigError(f'config.analysis.{e}') from None
   _check(config.checkpoint_every_steps > 0, 'config.checkpoint_every_steps must be positive')
   _check(config.log_every_steps > 0, 'config.log_every_steps must be positive')
   _check(config.keep_checkpoints >= 1, 'config.keep_checkpoints must be >= 1')
@@ -225,7 +244,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
   if config.mode == 'train':
     return _train_phases(setup, resolve_architecture(setup))
-  return run_eval(setup)
+  if config.mode == 'eval':
+    return run_eval(setup)
+  from hournas_jax import importance_modes  # pylint: disable=g-import-not-at-top
+  return {'masking': importance_modes.run_masking,
+          'sensitivity': importance_modes.run_sensitivity,
+          'saturation': importance_modes.run_saturation}[config.mode](setup)
 
 
 def _train_phases(setup: Setup, ops: Sequence[str]) -> dict:
@@ -481,6 +505,7 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
   step = int(counters['step'])
   progress = logging_utils.Progress('search', total, step, s.batch_size)
   sums, counts = {}, {}  # averaged over the steps since the last progress line
+  record_history = _search_history(setup.workdir, searcher, state, last_good)
   with logging_utils.SummaryWriter(os.path.join(setup.workdir, 'tensorboard', 'search'),
                                    enabled=config.tensorboard) as writer:
     while True:
@@ -513,6 +538,9 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
         writer.scalars(step, {**{f'search/{k}': v for k, v in shown.items()},
                               'search/images_per_sec': rates['images_per_sec']})
         sums, counts = {}, {}
+        record_history(state, stage)
+        if new_stage not in (stage, 'done'):  # where the next stage starts from
+          record_history(state, new_stage)
       if new_stage != stage or step % config.checkpoint_every_steps == 0:
         ckpt.save(step, state)
         last_good = step
@@ -521,6 +549,59 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
         logging_utils.info(f'[search] {stage} stage done at step {step}'
                            + (f'; vital ops: {vital_ops}' if vital_ops else ''))
   return state
+
+
+def _search_history(workdir: str, searcher, state, resumed_step):
+  """`record(state, stage)`: appends one JSON line to <workdir>/search/history.jsonl, the
+  distributions the search samples from after the state's step (a step of `stage`): step,
+  stage, tau (the schedule's at that step), probabilities {layer: {op: p}} at that tau (stage 1:
+  theta_vital; stage 2: the proposal with the highest pi), and in stage 2 pi (softmax) and that
+  proposal's index. TensorBoard gets scalars only; this file is how theta and pi move over the
+  search. (The result's probabilities are at tau = 1, not at the tau the search draws at.)
+
+  A fresh search (resumed_step None) starts the file with its step 0; a resumed one drops the
+  lines after its checkpoint's step, which it takes again, so the file reads as the
+  uninterrupted run's. Process 0 writes, a whole line at a time; elsewhere `record` does
+  nothing.
+  """
+  path = os.path.join(workdir, 'search', 'history.jsonl')
+  primary = jax.process_index() == 0
+  if primary:
+    kept = []
+    if resumed_step is not None and os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            if json.loads(line)['step'] > resumed_step:
+              break
+          except ValueError:  # a line cut short by a kill
+            break
+          kept.append(line)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoint.atomic_write_text(path, ''.join(kept))
+
+  def record(state, stage):
+    if not primary:
+      return
+    # Host copies: the record is computed on process 0 alone, never as a program over the mesh.
+    arch = {k: np.asarray(v) for k, v in state['arch'].items()}
+    if stage == 'vital' and 'theta' not in arch:  # the vital stage has just ended
+      arch = {'theta': np.asarray(state['meta']['theta_vital'], np.float32)}
+    tau = float(searcher.tau(state))
+    # Searcher.probabilities is at tau = 1, and softmax(theta / t) = softmax of theta / t at 1.
+    t = float(sampling.sampling_tau(tau, searcher.tau_mode))
+    scaled = {k: v / t if k in ('theta', 'thetas') else v for k, v in arch.items()}
+    line = {'step': int(state['counters']['step']), 'stage': stage, 'tau': tau,
+            'probabilities': searcher.probabilities({**state, 'arch': scaled})}
+    if 'pi' in arch:
+      pi = np.asarray(jax.nn.softmax(arch['pi']))
+      line.update(pi=pi.tolist(), proposal=int(np.argmax(pi)))
+    with open(path, 'a') as f:
+      f.write(json.dumps(line) + '\n')
+
+  if resumed_step is None:
+    record(state, searcher.stage(state))
+  return record
 
 
 def _write_search_result(setup: Setup, searcher, state) -> dict:
@@ -549,15 +630,20 @@ def _write_search_result(setup: Setup, searcher, state) -> dict:
 # Eval.
 
 
+def check_model_data(setup: Setup, meta, run_dir: str) -> None:
+  """Refuses a saved model trained on other data than the config's."""
+  if meta.get('dataset') != setup.dataset or tuple(meta['image_shape']) != setup.image_shape:
+    raise ConfigError(f'the model in {run_dir} was trained on {meta.get("dataset")} '
+                      f'{tuple(meta["image_shape"])}, not {setup.dataset} '
+                      f'{setup.image_shape}: use the config it was trained with')
+
+
 def run_eval(setup: Setup) -> dict:
   results = {}
   for phase in ('train',):
     run_dir = os.path.join(setup.workdir, phase)
     trainer, state, meta = retrain.load_model(setup.config, setup, run_dir, phase)
-    if meta.get('dataset') != setup.dataset or tuple(meta['image_shape']) != setup.image_shape:
-      raise ConfigError(f'the model in {run_dir} was trained on {meta.get("dataset")} '
-                        f'{tuple(meta["image_shape"])}, not {setup.dataset} '
-                        f'{setup.image_shape}: evaluate it with the config it was trained with')
+    check_model_data(setup, meta, run_dir)
     step = int(mesh_lib.to_host(state['step']))
     if step < int(meta['total_steps']):
       logging_utils.info(f'[eval] note: the {phase} run stopped at step {step} of '

@@ -287,8 +287,10 @@ def test_resolve_comma_list():
   assert arch.resolve(', '.join(a.ops), space) == a  # spaces after commas are fine
   with pytest.raises(SpaceError, match='22 searchable layers, the architecture lists 2 ops'):
     arch.resolve('k3e3,k5e6', space)
-  with pytest.raises(SpaceError, match='lists 1 ops'):
-    arch.resolve('k3e3', space)  # one op name: taken as a (too short) list
+  # One op name: that op at every searchable layer (a uniform backbone).
+  assert arch.resolve('k3e3', space).ops == ('k3e3',) * 22
+  with pytest.raises(SpaceError, match="'skip' is not allowed at layer2_1"):
+    arch.resolve('skip', space)
   with pytest.raises(SpaceError, match="unknown op 'k9e9' at layer1_1"):
     arch.resolve(','.join(('k9e9',) + a.ops[1:]), space)
 

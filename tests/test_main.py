@@ -55,12 +55,7 @@ def tiny_config(**overrides):
   config.proposal_samples = 100
   config.checkpoint_every_steps = 2
   config.log_every_steps = 1
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

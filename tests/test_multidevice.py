@@ -170,6 +170,19 @@ def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
   assert evaluated['train']['top1'] == pytest.approx(trained['top1'])
   assert evaluated['train']['loss'] == pytest.approx(trained['loss'], rel=1e-5)
 
+  # Masking the saved model (mode 'masking'): the same accuracies on 4 devices as on 1.
+  masking = ARGS + ['--config.mode=masking', '--config.train.arch=',
+                    '--config.analysis.mask_draws=2']
+  masked = {}
+  for devices in (1, 4):
+    run(masking, one, devices)
+    masked[devices] = json.loads((one / 'masking.json').read_text())
+  assert masked[1]['reference_top1'] == pytest.approx(trained['top1'])
+  assert masked[1]['examples'] == masked[4]['examples'] == 360
+  for r1, r4 in zip(masked[1]['blocks'], masked[4]['blocks'], strict=True):
+    for p in ('0.3', '0.6', '1'):  # one image's argmax may flip on float rounding
+      assert r4['top1'][p]['draws'] == pytest.approx(r1['top1'][p]['draws'], abs=1.01 / 360)
+
   # The workdir refuses a search of another config.
   config = run_config()
   config.search.num_proposals = 4
