@@ -44,6 +44,11 @@ def fail(message: str, code: int = ERROR_EXIT):
   """Prints one `error: ...` line on stderr and exits with `code`."""
   message = ' '.join(str(message).split())
   print(f'error: {message}', file=sys.stderr, flush=True)
+  if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
+    # JAX's exit handler waits at a shutdown barrier for every process, which a process that
+    # has stopped never reaches (minutes, then an abort): leave at once.
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -135,6 +140,15 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.user_errors() as e:
     fail(e)
+  except Exception as e:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError):
+      first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+      fail(f'process {jax.process_index()} of {jax.process_count()}: a computation across the '
+           f'processes failed, most likely because another process stopped ({first}); '
+           'restart every process with the same command to continue from the latest '
+           'checkpoint')
+    raise
   except KeyboardInterrupt:
     fail('interrupted; rerun the same command to continue from the latest checkpoint', 130)
 

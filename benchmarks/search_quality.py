@@ -222,7 +222,7 @@ def run_searches(base, out, methods_seeds, workers):
         f'{len(pending)}', flush=True)
   if workers > 1 and len(pending) > 1:
     with population.worker_pool(base, out, workers) as pool:
-      outputs = pool.map(_run_search, tasks, chunksize=1)
+      outputs = list(pool.map(_run_search, tasks))
   else:
     outputs = [_run_search(t) for t in tasks]
   for (method, seed), (result, timing) in zip(methods_seeds, outputs):

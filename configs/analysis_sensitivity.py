@@ -6,8 +6,8 @@ The paper's grid is the shallow FBNet of Table 6 (fbnet_shallow: 12 searchable b
 FBNet's ops, 6 backbones k{3,5}e{1,3,6}: 504 ImageNet models). This slice keeps its 12 blocks on
 the quickstart's 16x16 digits at width 0.25, with 2 backbones (k3e3, k5e6) and 4 candidate ops
 per block (skip only where the shape allows it), each network trained with the quickstart's
-recipe (40 epochs): 84 grid cells, 73 distinct networks, about 20 minutes on 2 CPU cores (one
-process per core). An interrupted grid continues
+recipe (40 epochs): 84 networks of about 45-60 s each, two at a time on 2 CPU cores (one
+process per core), so 35-40 minutes. An interrupted grid continues
 where it stopped (<workdir>/sensitivity/population.jsonl); sensitivity.png is redrawn as models
 finish. The full grid of the paper:
 

@@ -27,7 +27,8 @@ Schema (every field, with its meaning):
   train.*               the retraining recipe (see below).
   analysis.*            the block-importance analyses (see below).
   checkpoint_every_steps, keep_checkpoints, log_every_steps, tensorboard, proposal_samples,
-  xla_fast_compile, compilation_cache_dir, multi_host   see the comments below.
+  xla_fast_compile, compilation_cache_dir   see the comments below.
+  distributed.*         a run over several processes (hosts); see below and the README.
 """
 
 import ml_collections
@@ -136,6 +137,19 @@ def get_analysis_config() -> ml_collections.ConfigDict:
   return a
 
 
+def get_distributed_config() -> ml_collections.ConfigDict:
+  """A run over several processes (hosts): JAX's distributed runtime, one process per host."""
+  d = ml_collections.ConfigDict()
+  d.coordinator_address = ''   # HOST:PORT of process 0 ('' = $JAX_COORDINATOR_ADDRESS)
+  d.num_processes = 0          # 0 = $JAX_NUM_PROCESSES
+  d.process_id = -1            # this process, in [0, num_processes) (-1 = $JAX_PROCESS_ID)
+  d.auto_detect = False        # with none of the three set: let JAX detect the cluster
+                               # (SLURM, Cloud TPU, MPI, Kubernetes)
+  d.initialization_timeout_s = 120  # give up when the coordinator or a peer does not answer
+  d.heartbeat_timeout_s = 60   # stop when a peer has not been heard from for this long
+  return d
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = 'search'
@@ -171,6 +185,5 @@ def get_config() -> ml_collections.ConfigDict:
                                         # times faster; for tiny CPU runs (quickstart, tests)
   config.compilation_cache_dir = '~/.cache/hournas_jax/xla'  # persistent XLA compilation
                                         # cache: reruns and resumes skip compiles ('' = off)
-  config.multi_host = False             # call jax.distributed.initialize() (also done when
-                                        # JAX_COORDINATOR_ADDRESS is set)
+  config.distributed = get_distributed_config()
   return config

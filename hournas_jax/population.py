@@ -18,6 +18,7 @@ architecture share its compiled programs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -174,20 +175,36 @@ def _worker_task(args):
   return _train_architecture(_WORKER_SETUP, recipe, members)
 
 
+@contextlib.contextmanager
 def worker_pool(config, workdir: str, workers: int):
-  """A pool of `workers` processes for CPU-bound jobs (population members, searches).
+  """A pool (concurrent.futures executor) of `workers` processes for CPU-bound jobs
+  (population members, searches).
 
   On a CPU the networks here are small enough that one XLA:CPU program keeps about one core
   busy, so several single-threaded processes train several networks at once. Processes are
-  spawned (not forked: JAX is initialised in this one) with XLA's intra-op threading off.
+  spawned (not forked: JAX is initialised in this one) with XLA's intra-op threading off. A
+  worker that dies (out of memory, killed) fails the futures it leaves (BrokenProcessPool)
+  instead of leaving them waiting forever; a run stopped here stops its workers too.
   """
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
   import multiprocessing  # pylint: disable=g-import-not-at-top
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_cpu_multi_thread_eigen' not in flags:
+    # Read by the workers, which are spawned as jobs are submitted.
     os.environ['XLA_FLAGS'] = (flags + ' --xla_cpu_multi_thread_eigen=false').strip()
+  pool = concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
+      initargs=(config, workdir))
   try:
-    return multiprocessing.get_context('spawn').Pool(
-        workers, initializer=_init_worker, initargs=(config, workdir))
+    yield pool
+  except BaseException:
+    # Stopped (Ctrl-C, an error): do not wait for the trainings in flight.
+    for process in list((getattr(pool, '_processes', None) or {}).values()):
+      process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    raise
+  else:
+    pool.shutdown(wait=True)
   finally:
     os.environ['XLA_FLAGS'] = flags
     if not flags:
@@ -243,10 +260,19 @@ def train_population(setup, members: Iterable[Member], directory: str, *, worker
       if on_record is not None:
         on_record(record)
 
-  if workers > 1 and len(tasks) > 1 and jax.default_backend() == 'cpu':
+  # Several processes of one run train each member together over the global mesh.
+  if (workers > 1 and len(tasks) > 1 and jax.default_backend() == 'cpu'
+      and jax.process_count() == 1):
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
     with worker_pool(setup.config, setup.workdir, workers) as pool:
-      for records in pool.imap_unordered(_worker_task, tasks):
-        record_all(records)
+      futures = [pool.submit(_worker_task, task) for task in tasks]
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          record_all(future.result())
+      except concurrent.futures.process.BrokenProcessPool as e:
+        raise retrain.TrainingError(
+            f'{log_prefix} a worker process died ({e}); the {finished} members trained so '
+            f'far are kept in {store.path}: rerun the same command to train the rest') from None
   else:
     for _, group in tasks:
       record_all(_train_architecture(setup, recipe, group))

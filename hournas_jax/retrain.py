@@ -307,6 +307,7 @@ def fingerprint(config, setup, ops) -> dict:
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
           'stem_stride': setup.space.stem_stride,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed), 'ops': list(ops),
+          'processes': jax.process_count(),
           **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items())
              if k not in NOT_IN_FINGERPRINT}}
 
@@ -341,7 +342,7 @@ def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train'
   paths = RunPaths(run_dir)
   os.makedirs(run_dir, exist_ok=True)
   checkpoint.check_fingerprint(os.path.dirname(run_dir), phase, fingerprint(config, setup, ops),
-                              implicit={'stem_stride': 2})
+                              implicit={'stem_stride': 2, 'processes': 1})
   steps_per_epoch = data.steps_per_epoch(setup.dataset, 'train', tcfg.batch_size,
                                          data_dir=setup.data_dir)
   total = total_steps(tcfg, steps_per_epoch)

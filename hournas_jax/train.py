@@ -70,7 +70,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from hournas_jax import importance  # pylint: disable=g-import-not-at-top
   errors = [spaces.SpaceError, data.DataError, proposals.ProposalError, ConfigError,
             SearchError, checkpoint.CheckpointError, checkpoint.WorkdirError,
-            retrain.TrainingError, importance.AnalysisError]
+            retrain.TrainingError, importance.AnalysisError, mesh_lib.DistributedError]
   try:
     from hournas_jax import search  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -230,7 +230,7 @@ def write_config(setup: Setup) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs config.mode in workdir; returns a summary dict (also what was written to disk)."""
   validate_config(config)
-  mesh_lib.maybe_initialize_distributed(config.multi_host)
+  mesh_lib.maybe_initialize_distributed(config.distributed)
   configure_jax(config)
   workdir = checkpoint.prepare_workdir(workdir)
   setup = resolve_setup(config, workdir)
@@ -372,7 +372,8 @@ def comparison_text(c: Mapping) -> str:
 SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
                             'search.temperature': 'logits', 'search.weight_sharing': 'none',
                             'search.arch_gradient': 'straight_through',
-                            'search.arch_warmup': 0.0, 'search.vital_init': 'uniform'}
+                            'search.arch_warmup': 0.0, 'search.vital_init': 'uniform',
+                            'processes': 1}
 
 
 def search_fingerprint(setup: Setup) -> dict:
@@ -380,6 +381,9 @@ def search_fingerprint(setup: Setup) -> dict:
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
           'ops': list(setup.space.op_names), 'stem_stride': setup.space.stem_stride,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed),
+          # A checkpoint holds what each process was at: resuming with another count would
+          # not continue the same run.
+          'processes': jax.process_count(),
           'targets.params': float(config.targets.params),
           'targets.flops': float(config.targets.flops),
           **{f'search.{k}': v for k, v in sorted(config.search.to_dict().items())}}
@@ -542,7 +546,7 @@ def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
         if new_stage not in (stage, 'done'):  # where the next stage starts from
           record_history(state, new_stage)
       if new_stage != stage or step % config.checkpoint_every_steps == 0:
-        ckpt.save(step, state)
+        ckpt.save(step, mesh_lib.global_arrays(state, setup.mesh))
         last_good = step
       if new_stage != stage:
         vital_ops = state['meta'].get('vital_ops') if stage == 'vital' else None

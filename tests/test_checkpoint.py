@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import jax
@@ -19,7 +18,7 @@ import pytest
 
 from configs import quickstart
 from hournas_jax import checkpoint, spaces, train
-from spaces_for_tests import TOY_TABLE
+from spaces_for_tests import TOY_MAIN, TOY_TABLE
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 # Shared by every test that runs main.py in a subprocess: XLA's persistent compilation cache
@@ -38,26 +37,6 @@ TINY_SEARCH = [
     '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=10',
     f'--config.compilation_cache_dir={XLA_CACHE}',
 ]
-
-
-# main.py with the toy space registered; SLOW also slows every search step down, so that the
-# test can kill the run mid-way.
-TOY_MAIN = textwrap.dedent('''
-    import runpy, sys, time
-    sys.path.insert(0, 'tests')
-    from spaces_for_tests import TOY_TABLE
-    from hournas_jax import search, spaces
-    spaces.SPACE_TABLES['toy'] = TOY_TABLE
-    if sys.argv[1] == 'SLOW':
-      del sys.argv[1]
-      step = search.Searcher.train_step
-      def slow_step(self, *args, **kwargs):
-        time.sleep(0.3)
-        return step(self, *args, **kwargs)
-      search.Searcher.train_step = slow_step
-    sys.argv = ['main.py'] + sys.argv[1:]
-    runpy.run_path('main.py', run_name='__main__')
-''')
 
 
 def start_main(args, workdir, slow=False, **kwargs):

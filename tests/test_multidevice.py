@@ -29,7 +29,7 @@ import tensorflow as tf
 from configs import quickstart
 from hournas_jax import arch as arch_lib
 from hournas_jax import checkpoint, costs, spaces, train
-from spaces_for_tests import TOY_TABLE
+from spaces_for_tests import TOY_MAIN, TOY_TABLE
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 XLA_CACHE = os.path.join(tempfile.gettempdir(), 'hournas_jax_test_xla_cache')
@@ -46,17 +46,6 @@ ARGS = [
     '--config.random_baseline=false',
     f'--config.compilation_cache_dir={XLA_CACHE}',
 ]
-
-
-TOY_MAIN = """
-import runpy, sys
-sys.path.insert(0, 'tests')
-from spaces_for_tests import TOY_TABLE
-from hournas_jax import spaces
-spaces.SPACE_TABLES['toy'] = TOY_TABLE
-sys.argv = ['main.py'] + sys.argv[1:]
-runpy.run_path('main.py', run_name='__main__')
-"""
 
 
 def run_config():

@@ -1,7 +1,9 @@
 """Population training (resumable store, fingerprints, random budgets) and the ranking tools."""
 
+import concurrent.futures
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -180,3 +182,13 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
   while alive(child) and time.time() < deadline:
     time.sleep(0.1)
   assert not alive(child)
+
+
+def test_a_worker_that_dies_fails_its_job_instead_of_hanging(tmp_path):
+  setup = _setup(tmp_path)
+  with population.worker_pool(setup.config, str(tmp_path), 1) as pool:
+    alive = pool.submit(os.getpid)
+    assert alive.result(timeout=120) != os.getpid()
+    died = pool.submit(os._exit, 3)  # pylint: disable=protected-access
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+      died.result(timeout=120)
