@@ -29,15 +29,14 @@ TRAIN_PHASE = 'train'
 REDRAW_EVERY_S = 20.0
 
 
-def _write_json(path: str, obj) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    checkpoint.atomic_write_json(path, obj)
-
-
 def _is_primary() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
+
+
+def _write_json(path: str, obj) -> None:
+  if _is_primary():
+    checkpoint.atomic_write_json(path, obj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,11 +48,11 @@ def _requested_ops(setup) -> tuple[str, ...] | None:
   return tuple(arch_lib.resolve(spec, setup.space).ops) if spec else None
 
 
-def trained_model(setup, *, train_if_missing: bool = True):
+def trained_model(setup):
   """(trainer, state, meta) of the finished training in <workdir>/train.
 
-  With none finished there, trains config.train.arch (or the searched arch.json) first when
-  `train_if_missing`, continuing a stopped training. A model of another architecture than
+  With none finished there, trains config.train.arch (or the searched arch.json) first,
+  continuing a stopped training. A model of another architecture than
   config.train.arch asks for, or of other data, is refused.
   """
   from hournas_jax import train  # pylint: disable=g-import-not-at-top
@@ -61,7 +60,7 @@ def trained_model(setup, *, train_if_missing: bool = True):
   requested = _requested_ops(setup)
   if not os.path.exists(retrain.RunPaths(run_dir).results):
     has_search = os.path.exists(os.path.join(setup.workdir, 'arch.json'))
-    if not train_if_missing or (requested is None and not has_search):
+    if requested is None and not has_search:
       raise importance.AnalysisError(
           f'no trained model in {setup.workdir}: train one there first (--config.mode=train '
           'or search), or set --config.train.arch to a preset, a JSON file or comma-separated '
@@ -210,8 +209,7 @@ def sensitivity_text(summary) -> str:
 def run_saturation(setup) -> dict:
   run_dir = os.path.join(setup.workdir, TRAIN_PHASE)
   paths = retrain.RunPaths(run_dir)
-  if (not os.path.exists(paths.results)
-      and not retrain.snapshot_interval(setup.config.train, 1)):
+  if not os.path.exists(paths.results) and setup.config.train.snapshot_every_epochs <= 0:
     raise importance.AnalysisError(
         'saturation needs weight snapshots: set --config.train.snapshot_every_epochs to a '
         'positive number of epochs (configs/analysis_saturation.py keeps one per epoch)')
