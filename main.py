@@ -11,7 +11,9 @@ schema); the config is locked, so a misspelt field is an error. Restarting a sto
 the same command continues it from its latest checkpoint.
 
 Problems with the input (config, dataset, workdir, checkpoints, targets) end the run with one
-`error: ...` line on stderr and a non-zero exit status.
+`error: ...` line on stderr and a non-zero exit status (`errors.UserError`). SIGTERM (a
+preempted machine) stops the run after the step in flight with its checkpoint saved, one line
+and exit status 143; rerunning the same command continues it.
 """
 
 import difflib
@@ -135,11 +137,11 @@ def main(argv):
     # The INFO and WARNING logs of orbax, TFDS and absl are noise for a user (the run prints
     # its own progress); --verbosity=-1 (warnings) or 0 (info) brings them back.
     logging.set_verbosity(logging.ERROR)
-  from hournas_jax import train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import errors, train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.user_errors() as e:
-    fail(e)
+  except errors.UserError as e:
+    fail(e, e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError):

@@ -53,10 +53,10 @@ def measure(c, seeds, samples):
   table = costs.cost_tables(space)
   fixed = ({i: space.op_names.index(VITAL) for i, n in enumerate(space.searchable_names)
             if n.endswith('_1')} if c['fix_vital'] else {})
-  free, tables, mask, offset = proposals.restrict_tables(table, fixed)
+  free, tables, mask, offset = costs.restrict_tables(table, fixed)
   targets, active = np.array([c['params'], c['flops']]), np.array([True, True])
-  proposals.check_targets(tables, mask, offset, targets, active, space.name)
-  maxima = proposals.space_maxima(tables, mask, offset)
+  costs.check_targets(tables, mask, offset, targets, active, space.name)
+  maxima = costs.space_maxima(tables, mask, offset)
   options = {} if c['candidates'] is None else {'candidates_per_proposal': c['candidates']}
   rows = []
   for seed in range(seeds):
@@ -69,7 +69,7 @@ def measure(c, seeds, samples):
     indices = np.asarray(proposals.sample_architectures(
         jax.random.fold_in(key, 1), thetas, jnp.zeros(c['m']), tau, jnp.asarray(mask),
         samples))
-    hits = proposals.within_targets(proposals.architecture_costs(indices, tables, offset),
+    hits = proposals.within_targets(costs.architecture_costs(indices, tables, offset),
                                     targets, active)
     rows.append(dict(seed=seed, seconds=seconds, cpu_seconds=cpu_seconds,
                      within_5pct=float(hits.mean()),

@@ -239,17 +239,15 @@ def run_searches(base, out, methods_seeds, workers):
 def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, calibration=20):
   """Kendall tau between inherited-weight accuracy (SuperNet of the no-vital-priority search,
   seed 0) and stand-alone accuracy, over the random architectures."""
-  from hournas_jax import data, ranking as ranking_lib, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import ranking as ranking_lib, train  # pylint: disable=g-import-not-at-top
   workdir = search_dir(out, RANKING_METHOD, 0)
   setup = setup_fn(method_config(base, RANKING_METHOD, 0), workdir)
   searcher, state = train.load_search_state(setup)
-  engine = searcher.engine(state['meta'])
-  weights = state['weights']
+  engine = searcher.stage_of(state).engine
+  weights = state.weights
 
   def batches(split, train_mode, count=None):
-    it = data.prefetch_to_mesh(data.make_batches(
-        setup.dataset, split, batch_size=batch_size, image_size=setup.image_size, seed=0,
-        train=train_mode, data_dir=setup.data_dir, channels=setup.channels), setup.mesh)
+    it = setup.batches(split, batch_size, seed=0, train=train_mode)
     return ranking_lib.take(it, count) if count else list(it)
 
   calib = batches('search_train', True, calibration)
@@ -352,7 +350,7 @@ def main(argv=None):
     sys.exit(2)
   train.configure_jax(base)
   out = checkpoint.prepare_workdir(args.out)
-  workers = train.default_workers(args.workers)
+  workers = population.default_workers(args.workers)
 
   def setup_fn(config, workdir):
     return train.resolve_setup(config, workdir)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hournas_jax import spaces, supernet, singlepath, wholenet  # noqa: E402
+from hournas_jax import engines, spaces, supernet, singlepath, wholenet  # noqa: E402
 
 
 def _block(tree):
@@ -63,22 +63,24 @@ def main():
   init_t = time.perf_counter()
   state = engine.init(0, shape)
   init_s = time.perf_counter() - init_t
-  (state, _), compile_s = _timed(lambda: engine.train_step(state, images, labels,
-                                                           random_path(), 0.1))
+  batch = {'image': images, 'label': labels}
+  step = lambda state, path: engine.train_step(state, batch,
+                                               engines.Choice.from_path(space, path), 0.1)
+  (state, _), compile_s = _timed(lambda: step(state, random_path()))
   print(f'init {init_s:.1f} s; first single-path step (compile included) {compile_s:.1f} s')
   # Compile every candidate once: op j at every layer that has it (then random paths only hit
   # compiled programs).
   warm_t = time.perf_counter()
   for op in space.op_names:
     path = {l.name: (op if op in l.ops else l.ops[0]) for l in space.searchable_layers}
-    state, _ = engine.train_step(state, images, labels, path, 0.1)
+    state, _ = step(state, path)
   _block(state)
   print(f'compiling every candidate: {time.perf_counter() - warm_t:.1f} s')
   paths, single = [], []
   for _ in range(args.steps):
     path = random_path()
     paths.append(path)
-    (state, _), dt = _timed(lambda: engine.train_step(state, images, labels, path, 0.1))
+    (state, _), dt = _timed(lambda: step(state, path))
     single.append(dt)
   single_ms = 1000 * statistics.median(single)
   print(f'single path, random path each step: median {single_ms:.0f} ms over {args.steps}')
@@ -89,10 +91,11 @@ def main():
     ops = [path[n] for n in names]
     fixed_engine = wholenet.WholeNetEngine(space, supernet.fixed_layer_ops(space, ops))
     fstate = fixed_engine.init(0, shape)
-    (fstate, _), c = _timed(lambda: fixed_engine.train_step(fstate, images, labels, 0.1))
+    no_choice = engines.Choice.none(space)
+    (fstate, _), c = _timed(lambda: fixed_engine.train_step(fstate, batch, no_choice, 0.1))
     times = []
     for _ in range(5):
-      (fstate, _), dt = _timed(lambda: fixed_engine.train_step(fstate, images, labels, 0.1))
+      (fstate, _), dt = _timed(lambda: fixed_engine.train_step(fstate, batch, no_choice, 0.1))
       times.append(dt)
     fixed.append(statistics.median(times))
     ratios.append(single[i] / fixed[-1])
@@ -104,13 +107,13 @@ def main():
   if not args.skip_all_ops:
     all_engine = wholenet.WholeNetEngine(space, supernet.layer_ops(space))
     astate = all_engine.init(0, shape)
-    weights = {l.name: jnp.full((len(o),), 1.0 / len(o))
-               for l, o in all_engine.net.active_layers if len(o) > 1}
-    (astate, _), c = _timed(lambda: all_engine.train_step(astate, images, labels, 0.1, weights))
+    mask = space.op_mask()
+    uniform = engines.Choice(space.searchable_names, jnp.zeros(len(mask), jnp.int32),
+                             jnp.asarray(mask / mask.sum(-1, keepdims=True), jnp.float32))
+    (astate, _), c = _timed(lambda: all_engine.train_step(astate, batch, uniform, 0.1))
     times = []
     for _ in range(3):
-      (astate, _), dt = _timed(lambda: all_engine.train_step(astate, images, labels, 0.1,
-                                                             weights))
+      (astate, _), dt = _timed(lambda: all_engine.train_step(astate, batch, uniform, 0.1))
       times.append(dt)
     all_ops_ms = 1000 * statistics.median(times)
     print(f'all candidates (Gumbel-softmax) step: {all_ops_ms:.0f} ms (compile {c:.1f} s)')

@@ -15,10 +15,16 @@ Schema (every field, with its meaning):
   stem_stride           2 (the papers') or 1 (as CIFAR versions of these networks, for
                         inputs of 32 px or less, where stride 2 leaves most layers at 2x2).
   ops                   a subset of the space's candidate ops, comma-separated ('' = all).
-  dataset, data_dir     imagenet2012 | cifar10 | digits | cluttered_digits; TFDS data_dir
-                        ('' = TFDS default).
+  dataset, data_dir     imagenet2012 | cifar10 | digits | cluttered_digits | the name of any
+                        TFDS image classification dataset (mnist, tf_flowers, ...), with its
+                        TFDS data_dir ('' = TFDS default) | folder, with data_dir = a directory
+                        of class folders of JPEG/PNG images (DIR/<class>/*.jpg, or
+                        DIR/train/<class>/ and DIR/test/<class>/).
+  data.*                how TFDS datasets by name and folders are split and augmented.
   image_size, channels  input resolution and channels (0 = the dataset's default).
   targets.params/flops  resource targets T_i (0.0 = no target on that resource).
+  targets.latency_ms, targets.latency_table   a latency target (ms) and the lookup table
+                        measured for the device (python -m hournas_jax.tools.latency; README).
   search.*              the search (see below); passed to hournas_jax.search.Searcher.
   retrain_after_search  search mode: retrain the found architecture right after the search.
   random_baseline       also train random architectures of the same budget and the searched
@@ -29,6 +35,7 @@ Schema (every field, with its meaning):
   checkpoint_every_steps, keep_checkpoints, log_every_steps, tensorboard, proposal_samples,
   xla_fast_compile, compilation_cache_dir   see the comments below.
   distributed.*         a run over several processes (hosts); see below and the README.
+  export.*              mode 'export': formats, TFLite precision, latency threads (see below).
 """
 
 import ml_collections
@@ -54,6 +61,8 @@ def get_search_config() -> ml_collections.ConfigDict:
   s.vital_priority = True    # search the vital blocks first and fix their most probable ops
                              # (the joint choice that keeps the targets reachable)
   s.sampler = 'gumbel_max'   # 'gumbel_max' (single path) | 'gumbel_softmax' (FBNet ablation)
+  s.engine = ''              # what trains the SuperNet (hournas_jax/engines.py): '' = the
+                             # sampler's own ('single_path' | 'all_candidates')
   s.schedule = 'interleaved'  # when architecture steps come (Algorithm 1): 'interleaved' = one
                              # D_val step after every val_every D_tr weight steps; 'epoch' =
                              # as the paper writes it: each epoch a full pass of weight steps
@@ -79,6 +88,8 @@ def get_search_config() -> ml_collections.ConfigDict:
                              # gates' d loss / d A through the ST sample; forward + backward);
                              # 'reinforce' = score function (L - b) * grad log p(A), b a moving
                              # average of the loss: unbiased, forward-only (gumbel_max only)
+  s.precision = 'float32'    # 'float32' | 'bfloat16': convolutions and matmuls in bfloat16,
+                             # parameters, BatchNorm statistics and optimizer states in float32
   return s
 
 
@@ -107,6 +118,7 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.label_smoothing = 0.1
   t.ema_decay = 0.0          # > 0: evaluate an exponential moving average of the weights
   t.dropout_rate = 0.0       # before the classifier
+  t.precision = 'float32'    # 'float32' | 'bfloat16' (mixed precision, as search.precision)
   t.snapshot_every_epochs = 0.0  # > 0: keep the weights every this many epochs (and at steps
                              # 0 and the last) in <run>/snapshots, for the saturation analysis
   return t
@@ -137,6 +149,25 @@ def get_analysis_config() -> ml_collections.ConfigDict:
   return a
 
 
+def get_export_config() -> ml_collections.ConfigDict:
+  """Mode 'export': the workdir's trained model (or train.arch with fresh weights when there is
+  none) to <workdir>/export, each file checked against the JAX model (hournas_jax/export.py)."""
+  e = ml_collections.ConfigDict()
+  e.formats = 'jax,tflite'   # comma-separated: 'jax' (jax.export StableHLO, symbolic batch),
+                             # 'tflite' (builtin ops, batch 1), 'onnx' (from the float32 TFLite
+                             # model; needs pip install -r requirements-export.txt)
+  e.tflite_precision = 'float32'  # comma-separated: 'float32' | 'float16' (float16 weights) |
+                             # 'int8' (full-integer post-training quantization, calibrated on
+                             # calibration_examples training images)
+  e.examples = 32            # inputs compared with the JAX model (the eval split's first ones;
+                             # random normal inputs for fresh weights)
+  e.calibration_examples = 100  # int8: training images for the representative dataset
+  e.threads = '1'            # comma-separated thread counts the latency is measured with
+  e.warmup = 10              # latency at batch 1: runs before timing ...
+  e.repeats = 50             # ... and timed runs (the median is reported)
+  return e
+
+
 def get_distributed_config() -> ml_collections.ConfigDict:
   """A run over several processes (hosts): JAX's distributed runtime, one process per host."""
   d = ml_collections.ConfigDict()
@@ -164,10 +195,26 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ''
   config.image_size = 0
   config.channels = 0
+  # How TFDS datasets and folders of images are split and augmented (the offline datasets
+  # have fixed splits; imagenet2012 and cifar10 keep their own augmentation).
+  config.data = ml_collections.ConfigDict()
+  config.data.train_split = 'train'   # TFDS: the split (or slice, 'train[:80%]') to train on;
+                                      # D_tr / D_val are its first 80% / the rest
+  config.data.eval_split = ''         # TFDS: the test split ('' = 'test', else 'validation');
+                                      # a slice ('train[80%:]') for datasets with only 'train'
+  config.data.holdout_fraction = 0.2  # folder without a test/ folder: share of each class's
+                                      # images held out as the test set
+  config.data.split_seed = 0          # folder: which images are held out and the order D_tr /
+                                      # D_val are cut from; apart from config.seed, so that
+                                      # every training seed is tested on the same images
+  config.data.random_flip = True      # TFDS by name and folder: mirror training images
+                                      # left-right (False for digits, text, ...)
 
   config.targets = ml_collections.ConfigDict()
   config.targets.params = 4.8e6
   config.targets.flops = 300e6
+  config.targets.latency_ms = 0.0     # predicted latency target (ms); 0.0 = none
+  config.targets.latency_table = ''   # the table to predict it from (JSON, hournas_jax/latency.py)
 
   config.search = get_search_config()
   config.retrain_after_search = True
@@ -186,4 +233,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = '~/.cache/hournas_jax/xla'  # persistent XLA compilation
                                         # cache: reruns and resumes skip compiles ('' = off)
   config.distributed = get_distributed_config()
+  config.export = get_export_config()
   return config

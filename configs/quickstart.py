@@ -29,7 +29,7 @@ def get_config():
   config.dataset = 'digits'
   config.image_size = 16
   config.channels = 1
-  # This space spans 62k-176k params and 81k-326k FLOPs (python -m hournas_jax.profile).
+  # This space spans 62k-176k params and 81k-326k FLOPs (python -m hournas_jax.tools.profile).
   config.targets.params = 120e3
   config.targets.flops = 220e3
 

@@ -8,7 +8,7 @@ at a random position of a 24x24 canvas among fragments of other digits; a fixed 
 test set), the shallow FBNet space of Table 6 (12 SuperBlocks, its 7 ops without the grouped
 ones) at width 0.25 with a stride-1 stem, so the 12 SuperBlocks see 24x24 down to 2x2 and
 kernel size and where capacity sits change the accuracy. The budget sits in the middle of the
-space (python -m hournas_jax.profile --space fbnet_shallow --resolution 24 ...).
+space (python -m hournas_jax.tools.profile --space fbnet_shallow --resolution 24 ...).
 
 Retraining recipe (every architecture, searched or random, trained alike): SGD with momentum at
 0.2 x batch/256 (0.025 at batch 32; 0.1 and above diverges or stalls this narrow network),

@@ -10,9 +10,11 @@ Every file is written to a temporary name and renamed, so a PNG is never half wr
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from hournas_jax import checkpoint, costs, proposals, spaces, vital
@@ -147,15 +149,18 @@ def summary_text(space: spaces.SearchSpace, result: Mapping) -> str:
                  f'{mark}')
   params = sum(r['params'] for r in rows)
   flops = sum(r['flops'] for r in rows)
-  lines += ['', f'total: {_millions(params)} params, {_millions(flops)} FLOPs (multiply-adds)']
+  latency = result.get('latency_ms')
+  lines += ['', f'total: {_millions(params)} params, {_millions(flops)} FLOPs (multiply-adds)'
+            + (f', {latency:.4f} ms predicted latency' if latency is not None else '')]
   targets = result.get('targets') or {}
-  for key, value in ((('params', params)), ('flops', flops)):
+  for key, value, shown in (('params', params, _millions), ('flops', flops, _millions),
+                            ('latency_ms', latency, lambda ms: f'{ms:.4f} ms')):
     target = targets.get(key)
-    if target:
+    if target and value is not None:
       deviation = (value - target) / target
-      off = (f'  ** more than {100 * proposals.TOLERANCE:.0f}% off the target **'
-             if abs(deviation) > proposals.TOLERANCE else '')
-      lines.append(f'target {key}: {_millions(target)} (deviation {100 * deviation:+.1f}%){off}')
+      off = (f'  ** more than {100 * costs.TOLERANCE:.0f}% off the target **'
+             if abs(deviation) > costs.TOLERANCE else '')
+      lines.append(f'target {key}: {shown(target)} (deviation {100 * deviation:+.1f}%){off}')
   pi = result.get('pi')
   if pi is not None:
     lines.append('pi: ' + ' '.join(f'{float(x):.3f}' for x in np.asarray(pi).reshape(-1)))
@@ -324,3 +329,35 @@ def plot_search_history(path: str, history: Sequence[Mapping],
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
   _save(fig, path)
+
+
+def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau, key,
+                 samples, space_name, taus=(5.0, 2.0, 1.0, 0.2)):
+  """Figure 3: sampled architectures' params (M) against FLOPs (M) at falling temperatures:
+  `taus` and the final tau of the optimisation (marked), one panel each."""
+  taus = sorted({float(t) for t in taus if not math.isclose(t, final_tau, rel_tol=0.01)}
+                | {final_tau}, reverse=True)
+  m = thetas.shape[0]
+  fig, axes = new_figure(1, len(taus), figsize=(4 * len(taus), 4), sharex=True,
+                                  sharey=True)
+  for ax, tau in zip(np.atleast_1d(axes), taus):
+    _, idx = proposals.sample_two_level(key, thetas, jnp.zeros(m), tau, jnp.asarray(mask),
+                                        n=samples)
+    c = costs.architecture_costs(np.asarray(idx), tables, offset) / 1e6
+    share = proposals.within_targets(c * 1e6, targets, active).mean()
+    ax.scatter(c[:, 0], c[:, 1], s=2, alpha=0.3, color='tab:blue', rasterized=True)
+    if active[0]:
+      ax.axvline(targets[0] / 1e6, color='tab:red', ls='--', lw=1)
+    if active[1]:
+      ax.axhline(targets[1] / 1e6, color='tab:red', ls='--', lw=1)
+    if active.all():  # the +-5% box around the targets
+      lo, hi = (1 - costs.TOLERANCE) * targets / 1e6, (1 + costs.TOLERANCE) * targets / 1e6
+      ax.add_patch(rectangle((lo[0], lo[1]), hi[0] - lo[0], hi[1] - lo[1],
+                                      fill=False, edgecolor='tab:red', lw=1))
+    final = ' (final)' if tau == final_tau else ''
+    ax.set_title(f'tau = {tau:.3g}{final}: {share:.1%} within 5%')
+    ax.set_xlabel('params (M)')
+  np.atleast_1d(axes)[0].set_ylabel('FLOPs (M)')
+  fig.suptitle(f'{samples} architectures sampled from {m} space proposals ({space_name})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)

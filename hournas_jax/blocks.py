@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hournas_jax import costs, spaces
+from hournas_jax import op_kinds, spaces
 
 # BatchNorm as in PyTorch's mobile networks: running statistics move 10% a step.
 BN_MOMENTUM = 0.9
@@ -33,9 +34,23 @@ def activation(name: str):
   return {'relu': nn.relu, 'swish': nn.swish}[name]
 
 
-def _bn(train: bool, name=None):
+def _bn(train: bool, name=None, dtype=None):
+  # dtype: the output's (bfloat16 under mixed precision); the statistics are reduced in
+  # float32 and kept in float32 whatever it is.
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      name=name)
+                      dtype=dtype, name=name)
+
+
+def compute_dtype(precision: str):
+  """The activations' dtype of a precision setting: None (float32 throughout, no casts) for
+  'float32', bfloat16 for 'bfloat16' (parameters, BatchNorm statistics and optimizer states
+  stay float32; convolutions and matmuls run in bfloat16)."""
+  if precision not in PRECISIONS:
+    raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+  return None if precision == 'float32' else jnp.bfloat16
+
+
+PRECISIONS = ('float32', 'bfloat16')
 
 
 def depthwise_shifted(x, kernel, stride: int):
@@ -112,7 +127,7 @@ class Conv(nn.Module):
                         (self.kernel, self.kernel, cin // self.groups, self.features))
     y = conv2d(x, kernel, self.stride, self.groups, self.depthwise_impl)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,))
+      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,)).astype(y.dtype)
     return y
 
 
@@ -143,16 +158,19 @@ def channel_shuffle(x, groups: int):
 
 
 class ConvBN(nn.Module):
-  """k x k conv + BN + activation: the stem."""
+  """k x k conv + BN + activation: the stem (where mixed precision casts the images)."""
   out_channels: int
   kernel: int
   stride: int
   act: str
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     x = _conv(self.out_channels, self.kernel, self.stride)(x)
-    return activation(self.act)(_bn(train)(x))
+    return activation(self.act)(_bn(train, dtype=self.dtype)(x))
 
 
 class SepConv(nn.Module):
@@ -162,12 +180,13 @@ class SepConv(nn.Module):
   kernel: int
   stride: int
   act: str
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = _conv(self.in_channels, self.kernel, self.stride, groups=self.in_channels)(x)
-    x = activation(self.act)(_bn(train)(x))
-    return _bn(train)(_conv(self.out_channels, 1)(x))
+    x = activation(self.act)(_bn(train, dtype=self.dtype)(x))
+    return _bn(train, dtype=self.dtype)(_conv(self.out_channels, 1)(x))
 
 
 class InvertedResidual(nn.Module):
@@ -183,6 +202,7 @@ class InvertedResidual(nn.Module):
   stride: int
   se_channels: int  # 0: no squeeze-and-excitation
   act: str
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True, kernels=None):
@@ -201,15 +221,16 @@ class InvertedResidual(nn.Module):
       expand = lambda h: conv2d(h, sliced['expand'])
       depthwise = lambda h: conv2d(h, sliced['depthwise'], self.stride, groups=mid)
       project = lambda h: conv2d(h, sliced['project'])
-    h = act(_bn(train)(expand(x)))
+    bn = lambda: _bn(train, dtype=self.dtype)
+    h = act(bn()(expand(x)))
     if self.groups > 1:
       h = channel_shuffle(h, self.groups)
-    h = act(_bn(train)(depthwise(h)))
+    h = act(bn()(depthwise(h)))
     if self.se_channels:
       s = jnp.mean(h, axis=(1, 2), keepdims=True)
       s = act(_conv(self.se_channels, 1, bias=True)(s))
       h = h * nn.sigmoid(_conv(mid, 1, bias=True)(s))
-    h = _bn(train)(project(h))
+    h = bn()(project(h))
     if self.stride == 1 and self.in_channels == self.out_channels:
       h = h + x
     return h
@@ -256,9 +277,8 @@ def nested_kernels(kernels, kernel: int, mid: int):
 
 
 def shares_kernels(op: spaces.OpSpec) -> bool:
-  """Ops that take part in weight sharing: ungrouped inverted residuals (a grouped 1x1 conv
-  is not a slice of a dense one, so g2 ops keep their own weights)."""
-  return op.kind == 'ir' and op.groups == 1
+  """Ops that take part in weight sharing (`op_kinds.py`): ungrouped inverted residuals."""
+  return op_kinds.kind(op).shares_kernels(op)
 
 
 def shared_kernels(space: spaces.SearchSpace, layer: spaces.LayerSpec, ops: tuple[str, ...],
@@ -290,40 +310,32 @@ class Head(nn.Module):
   num_classes: int
   act: str
   dropout_rate: float = 0.0
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = activation(self.act)(_bn(train)(_conv(self.out_channels, 1)(x)))
+    x = activation(self.act)(_bn(train, dtype=self.dtype)(_conv(self.out_channels, 1)(x)))
     x = jnp.mean(x, axis=(1, 2))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=_dense_init)(x)
+    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)(x)
+    return logits.astype(jnp.float32)  # the loss and its gradient in float32
 
 
 def make_block(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: str,
-               dropout_rate: float = 0.0, name: str | None = None) -> nn.Module:
-  """The module of `op_name` placed in `layer`."""
+               dropout_rate: float = 0.0, name: str | None = None,
+               dtype=None) -> nn.Module:
+  """The module of `op_name` placed in `layer` (`op_kinds.py`); dtype: the activations'
+  (`compute_dtype`)."""
   op = space.ops[op_name]
-  act = space.activation
-  if op.kind == 'skip':
-    return Skip(name=name)
-  if op.kind == 'conv':
-    return ConvBN(layer.out_channels, op.kernel, layer.stride, act, name=name)
-  if op.kind == 'sep':
-    return SepConv(layer.in_channels, layer.out_channels, op.kernel, layer.stride, act,
-                   name=name)
-  if op.kind == 'head':
-    return Head(layer.out_channels, space.num_classes, act, dropout_rate, name=name)
-  se = costs.se_channels(layer.in_channels, space.se_ratio) if op.se else 0
-  return InvertedResidual(layer.in_channels, layer.out_channels, op.kernel, op.expansion,
-                          op.groups, layer.stride, se, act, name=name)
+  return op_kinds.kind(op).build(space, layer, op, dropout_rate, name, dtype)
 
 
 def has_shortcut(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: str) -> bool:
   """Whether `op_name` placed in `layer` adds its input to its output: the residual of an
   inverted residual that keeps its shape, and `skip`, which is nothing but the shortcut."""
-  kind = space.ops[op_name].kind
-  return kind == 'skip' or (kind == 'ir' and layer.keeps_shape)
+  op = space.ops[op_name]
+  return op_kinds.kind(op).shortcut(layer)
 
 
 def initial_value(seed: int, path: str, shape, dtype):

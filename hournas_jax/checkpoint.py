@@ -1,34 +1,43 @@
-"""Checkpoints, the workdir and atomic result files.
+"""Checkpoints, the workdir (its lock and fingerprint) and atomic result files.
 
 A checkpoint is one orbax step directory with two items:
-- 'state': every array of the run's state (weights, BatchNorm statistics, optimizer states,
-  architecture parameters, RNG keys, ...), restored against an abstract template;
-- 'meta': every non-array leaf (python ints, floats, strings: the search stage, vital ops,
-  counters, ...) as JSON. The template of 'state' can depend on it (the search state's pytree
-  changes between stages), so 'meta' is read first.
+- 'state': the arrays of the run's state (weights, BatchNorm statistics, optimizer states,
+  architecture parameters, RNG keys, ...), a pytree restored against an abstract template;
+- 'meta': what is not an array (the search stage, vital ops, counters, the model's
+  description) as JSON. The template of 'state' can depend on it (the search state's pytree
+  changes between stages), so 'meta' is read first (`read_meta`).
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves only a `<step>.orbax-checkpoint-tmp-*` directory that is never listed or loaded.
-A step that exists but cannot be read is reported as a CheckpointError (one line) and left in
-place: nothing is ever deleted here except old complete steps beyond `keep`.
+mid-save leaves only a `<step>.orbax-checkpoint-tmp-*` directory that is never listed or loaded,
+and a write that fails (a full disk, a lost permission) leaves the steps before it as they were;
+the failure is reported as a CheckpointError naming the step a rerun continues from. A step that
+exists but cannot be read is reported the same way (one line) and left in place: nothing is
+ever deleted here except old complete steps beyond `keep`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be restored."""
+from hournas_jax import errors
 
 
-class WorkdirError(RuntimeError):
-  """A workdir that cannot be used: a file, unwritable, or holding another config's run."""
+class CheckpointError(errors.UserError, RuntimeError):
+  """A checkpoint that cannot be written, or exists but cannot be restored."""
+
+
+class WorkdirError(errors.UserError, RuntimeError):
+  """A workdir that cannot be used: a file, unwritable, in use, or holding another config's
+  run."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +101,41 @@ def prepare_workdir(workdir: str) -> str:
   return path
 
 
+LOCK_FILE = '.lock'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds the workdir for one run: a second run started in it meanwhile is refused.
+
+  An advisory `flock` on <workdir>/.lock, which the kernel releases when the holder's process
+  ends in any way (a killed run never leaves the workdir stuck); the file names the holder.
+  Process 0 of a multi-process run holds it for all of them.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  f = open(path, 'a+')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = ' '.join(f.read().split()) or 'a process that did not say which'
+    f.close()
+    raise WorkdirError(f'workdir {workdir} is in use by another run ({holder}); wait for it to '
+                       'end, or use another --workdir') from None
+  try:
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    yield
+  finally:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
 FINGERPRINT_FILE = 'fingerprint.json'
 
 
@@ -127,77 +171,6 @@ def check_fingerprint(workdir: str, section: str, values: Mapping[str, Any],
                        'rerun with that config to continue it, or use a new --workdir')
 
 
-# --------------------------------------------------------------------------------------------
-# Splitting a state into arrays and JSON.
-
-
-def _is_json_value(x) -> bool:
-  if isinstance(x, (bool, int, float, str, type(None))) and not isinstance(x, np.generic):
-    return True
-  if type(x) in (list, tuple):  # plain sequences, not NamedTuples (optax states)
-    return all(_is_json_value(v) for v in x)
-  return False
-
-
-JSON_KEYS = ('meta',)  # top-level entries that are JSON as a whole (the search state's meta)
-
-
-def split_state(tree, json_keys=JSON_KEYS) -> tuple[Any, Any]:
-  """(arrays, json): the state as nested dicts of array subtrees, and of JSON values.
-
-  Dicts are walked; python scalars, strings and plain lists of them go to the JSON side, and so
-  do the top-level `json_keys` entries whole; every other subtree (arrays, optax NamedTuple
-  states, empty dicts) stays on the array side.
-  """
-  if isinstance(tree, Mapping) and json_keys:
-    forced = {k: tree[k] for k in json_keys if k in tree}
-    arrays, other = split_state({k: v for k, v in tree.items() if k not in forced}, ())
-    if forced:
-      other = {**(other or {}), **forced}
-    return arrays, other
-  if isinstance(tree, Mapping):
-    arrays, other = {}, {}
-    for key, value in tree.items():
-      a, o = split_state(value, ())
-      if a is not None:
-        arrays[key] = a
-      if o is not None:
-        other[key] = o
-    if not tree:
-      return {}, None
-    return (arrays or None), (other or None)
-  if _is_json_value(tree):
-    return None, tree
-  return tree, None
-
-
-def merge_state(arrays, other):
-  if arrays is None:
-    return other
-  if other is None:
-    return arrays
-  out = dict(arrays)
-  for key, value in other.items():
-    out[key] = merge_state(arrays.get(key), value) if key in arrays else value
-  return out
-
-
-def _without(template, other):
-  """`template` less every entry saved on the JSON side (`other`): a template may describe a
-  python int (a counter) as an array, but it was saved, and comes back, as JSON."""
-  if not isinstance(template, Mapping) or not isinstance(other, Mapping):
-    return template
-  out = {}
-  for key, value in template.items():
-    if key not in other:
-      out[key] = value
-    elif isinstance(value, Mapping) and isinstance(other[key], Mapping):
-      rest = _without(value, other[key])
-      if rest:
-        out[key] = rest
-  return out
-
-
 def _one_line(e: BaseException, limit: int = 240) -> str:
   text = ' '.join(str(e).split()) or type(e).__name__
   return text if len(text) <= limit else text[:limit - 3] + '...'
@@ -213,6 +186,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True)
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=('state', 'meta'))
+    self._pending = None  # the step being written in the background
+    self._written = self._manager.latest_step()  # the latest step known complete
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -220,47 +195,97 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state) -> None:
-    """Saves `state` (arrays and JSON-able leaves) as `step`; returns before the write ends."""
-    arrays, other = split_state(state)
+  def save(self, step: int, arrays, meta: Mapping[str, Any]) -> None:
+    """Saves `arrays` (a pytree) and `meta` (JSON-able) as `step`; returns before the write
+    ends (the next `save`, `wait` or `close` reports a failed one)."""
+    self._check_pending()
     ocp = self._ocp
-    self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays if arrays is not None else {}),
-        meta=ocp.args.JsonSave(json.loads(json.dumps(other or {}, default=_json_default)))),
-                       force=True)
-
-  def restore(self, step: int, template_fn: Callable[[dict], Any]):
-    """The state saved as `step`.
-
-    template_fn(json_part) -> an abstract (ShapeDtypeStruct, with shardings) pytree of the
-    state; only its array leaves are used.
-    """
-    ocp = self._ocp
-    where = os.path.join(self.directory, str(step))
     try:
-      other = self._manager.restore(
+      self._manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(arrays if arrays is not None else {}),
+          meta=ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=_json_default)))),
+                         force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(int(step), e)
+    self._pending = int(step)
+
+  def _check_pending(self) -> None:
+    """Waits for the write in flight; a failed one is a CheckpointError."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+    self._written = step
+
+  def _failed(self, step: int, e: BaseException):
+    self._pending = None
+    kept = (f'the checkpoint of step {self._written} is intact and a rerun of the same command '
+            'continues from it' if self._written is not None else
+            'no earlier checkpoint exists, so a rerun starts over')
+    if jax.process_count() > 1 and not isinstance(e, OSError):
+      # Every process takes part in a save; a collective that fails means a peer is gone.
+      raise CheckpointError(
+          f'process {jax.process_index()} of {jax.process_count()}: writing the checkpoint of '
+          f'step {step} failed, most likely because another process stopped '
+          f'({type(e).__name__}: {_one_line(e, 160)}); restart every process with the same '
+          f'command: {kept}') from None
+    raise CheckpointError(f'writing the checkpoint of step {step} in {self.directory} failed '
+                          f'({type(e).__name__}: {_one_line(e)}); {kept}') from None
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON side of the step (what the template of its arrays may depend on)."""
+    ocp = self._ocp
+    try:
+      return self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'] or {}
-      template, _ = split_state(_without(template_fn(other), other))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
+
+  def restore(self, step: int, template_fn: Callable[[dict], Any]) -> tuple[Any, dict]:
+    """(arrays, meta) saved as `step`.
+
+    template_fn(meta) -> an abstract (ShapeDtypeStruct, with shardings) pytree of the arrays.
+    """
+    meta = self.read_meta(step)
+    template = template_fn(meta)
+    ocp = self._ocp
+    try:
       arrays = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template if template is not None else {})))['state']
     except (CheckpointError, WorkdirError):
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'checkpoint {where} cannot be restored ({type(e).__name__}: {_one_line(e)}); it was '
-          'left in place: move that step directory away to resume from an earlier one, or use '
-          'a new --workdir') from None
-    return merge_state(arrays, other)
+      raise self._unreadable(step, e) from None
+    return arrays, meta
+
+  def _unreadable(self, step: int, e: BaseException) -> CheckpointError:
+    where = os.path.join(self.directory, str(step))
+    return CheckpointError(
+        f'checkpoint {where} cannot be restored ({type(e).__name__}: {_one_line(e)}); it was '
+        'left in place: move that step directory away to resume from an earlier one, or use '
+        'a new --workdir')
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self._check_pending()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._check_pending()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
-    self.close()
+    if exc[0] is None:
+      self.close()
+    else:  # already failing: close without masking that error by a second one
+      try:
+        self.close()
+      except CheckpointError:
+        pass

@@ -10,50 +10,27 @@ against the built network's parameter count and against XLA's own cost analysis.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Mapping
 
 import numpy as np
 
-from hournas_jax import spaces
+from hournas_jax import errors, op_kinds, spaces
+
+# The rows of the stacked tables, in this order; latency only when a measured table is given.
+RESOURCE_NAMES = ('params', 'FLOPs', 'latency')
+TARGET_KEYS = ('params', 'flops', 'latency_ms')  # the config.targets field of each row
+TOLERANCE = 0.05  # "within the targets": |R_i - T_i| <= 5% of T_i
 
 
-def se_channels(in_channels: int, se_ratio: float) -> int:
-  """Squeeze-and-excitation width: a fraction of the block's input channels (MnasNet, EffNet)."""
-  return max(1, int(in_channels * se_ratio))
+class TargetError(errors.UserError, ValueError):
+  """Targets or fixed layers that no architecture of the space can satisfy."""
 
 
 def op_cost(layer: spaces.LayerSpec, op: spaces.OpSpec, space: spaces.SearchSpace
             ) -> tuple[int, int]:
-  """(params, multiply-adds) of `op` placed in `layer`, for one image."""
-  cin, cout = layer.in_channels, layer.out_channels
-  hw_in = layer.in_resolution ** 2
-  hw_out = layer.out_resolution ** 2
-  if op.kind == 'skip':
-    return 0, 0
-  if op.kind == 'conv':  # stem: k x k conv, BatchNorm
-    k = op.kernel
-    return k * k * cin * cout + 2 * cout, k * k * cin * cout * hw_out
-  if op.kind == 'sep':  # depthwise k x k + BN + act, pointwise 1x1 + BN
-    k = op.kernel
-    params = k * k * cin + 2 * cin + cin * cout + 2 * cout
-    return params, k * k * cin * hw_out + cin * cout * hw_out
-  if op.kind == 'head':  # 1x1 conv + BN + act, global pool, classifier with bias
-    classes = space.num_classes
-    params = cin * cout + 2 * cout + cout * classes + classes
-    return params, cin * cout * hw_in + cout * classes
-  if op.kind == 'ir':
-    mid, g, k = cin * op.expansion, op.groups, op.kernel
-    params = cin * mid // g + 2 * mid  # 1x1 expansion (grouped for g2) + BN
-    flops = cin * mid // g * hw_in
-    params += k * k * mid + 2 * mid  # depthwise k x k + BN
-    flops += k * k * mid * hw_out
-    if op.se:  # two 1x1 convs with bias on the pooled vector
-      r = se_channels(cin, space.se_ratio)
-      params += mid * r + r + r * mid + mid
-      flops += 2 * mid * r
-    params += mid * cout // g + 2 * cout  # 1x1 projection + BN
-    flops += mid * cout // g * hw_out
-    return params, flops
-  raise ValueError(f'unknown op kind {op.kind!r}')
+  """(params, multiply-adds) of `op` placed in `layer`, for one image (`op_kinds.py`)."""
+  return op_kinds.kind(op).cost(layer, op, space)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +39,8 @@ class CostTables:
 
   params/flops: float64 [L, O], columns in `space.op_names`; 0 where the op is not allowed.
   mask: bool [L, O], the allowed ops. fixed_params/fixed_flops: stem, fixed layers and head.
+  latency / fixed_latency: milliseconds from a measured lookup table (`latency.py`), or None
+  when the search has no latency target (`with_latency` adds them).
   """
   layer_names: tuple[str, ...]
   op_names: tuple[str, ...]
@@ -70,10 +49,35 @@ class CostTables:
   mask: np.ndarray
   fixed_params: int
   fixed_flops: int
+  latency: np.ndarray | None = None
+  fixed_latency: float = 0.0
+
+  @property
+  def num_resources(self) -> int:
+    return 2 if self.latency is None else 3
 
   def stacked(self) -> np.ndarray:
-    """[2, L, O]: params and FLOPs, the resource tables of Eqn 5 in that order."""
-    return np.stack([self.params, self.flops])
+    """[R, L, O]: params, FLOPs (and latency), the resource tables of Eqn 5 in that order."""
+    return np.stack([self.params, self.flops] + ([] if self.latency is None
+                                                 else [self.latency]))
+
+  def fixed(self) -> np.ndarray:
+    """[R]: the cost of the layers outside the searchable ones (stem, fixed layers, head)."""
+    return np.array([self.fixed_params, self.fixed_flops] + (
+        [] if self.latency is None else [self.fixed_latency]), np.float64)
+
+  def resources(self, op_indices) -> np.ndarray:
+    """[R]: every resource of the architecture given as one op index per searchable layer."""
+    rows = np.arange(len(self.layer_names))
+    return self.fixed() + self.stacked()[:, rows, np.asarray(op_indices)].sum(-1)
+
+  def with_latency(self, latency, fixed_latency: float) -> 'CostTables':
+    """These tables with a latency table [L, O] (ms) and the fixed layers' latency."""
+    latency = np.asarray(latency, np.float64)
+    if latency.shape != self.params.shape:
+      raise TargetError(f'the latency table has shape {latency.shape}, the space '
+                        f'{self.params.shape}')
+    return dataclasses.replace(self, latency=latency, fixed_latency=float(fixed_latency))
 
   def cost(self, op_indices) -> tuple[int, int]:
     """Total (params, FLOPs) of the architecture given as one op index per searchable layer."""
@@ -81,15 +85,6 @@ class CostTables:
     idx = np.asarray(op_indices)
     return (int(self.fixed_params + self.params[rows, idx].sum()),
             int(self.fixed_flops + self.flops[rows, idx].sum()))
-
-  def bounds(self) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((min params, max params), (min FLOPs, max FLOPs)) over the whole space."""
-    out = []
-    for table, fixed in ((self.params, self.fixed_params), (self.flops, self.fixed_flops)):
-      lo = np.where(self.mask, table, np.inf).min(axis=1).sum()
-      hi = np.where(self.mask, table, -np.inf).max(axis=1).sum()
-      out.append((int(fixed + lo), int(fixed + hi)))
-    return out[0], out[1]
 
 
 def cost_tables(space: spaces.SearchSpace) -> CostTables:
@@ -122,3 +117,95 @@ def layer_costs(space: spaces.SearchSpace, op_names) -> list[dict]:
                      resolution=layer.in_resolution, params=p, flops=f,
                      searchable=layer.searchable))
   return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Restricted tables, reachable ranges and target checks (numpy, outside jit).
+
+
+def reachable_range(tables, mask, offset):
+  """(lowest [R], highest [R]) cost over every architecture of the (restricted) space."""
+  tables, mask = np.asarray(tables, np.float64), np.asarray(mask, bool)
+  offset = np.asarray(offset, np.float64)
+  if tables.shape[1] == 0:
+    return offset.copy(), offset.copy()
+  lowest = np.where(mask, tables, np.inf).min(axis=-1).sum(axis=-1) + offset
+  highest = np.where(mask, tables, -np.inf).max(axis=-1).sum(axis=-1) + offset
+  return lowest, highest
+
+
+def millions(x: float, digits: int = 1) -> str:
+  """A cost in millions with enough digits for small values (12.3M, 0.045M)."""
+  return f'{x / 1e6:.{digits}f}M' if abs(x) >= 1e5 else f'{x / 1e6:.3f}M'
+
+
+def show(resource: int, x: float, digits: int = 1) -> str:
+  """A value of resource row `resource`: params and FLOPs in millions, latency in ms."""
+  if resource == 2:
+    return f'{x:.{digits + 2}f} ms'
+  return millions(x, digits)
+
+
+def check_targets(tables, mask, offset, targets, active, space_name: str = 'the space'):
+  """Raises TargetError, one line, for a non-finite, non-positive or unreachable target."""
+  low, high = reachable_range(tables, mask, offset)
+  for i, name in enumerate(RESOURCE_NAMES[:len(low)]):
+    if not active[i]:
+      continue
+    t = float(targets[i])
+    if not math.isfinite(t) or t <= 0:
+      raise TargetError(f'{name} target must be a positive number, got {t!r}')
+    if not low[i] <= t <= high[i]:
+      digits = 1  # enough digits that the target does not print as the bound it misses
+      while digits < 4 and show(i, t, digits) in (show(i, low[i], digits),
+                                                  show(i, high[i], digits)):
+        digits += 1
+      raise TargetError(f'{name} target {show(i, t, digits)} is outside what space '
+                        f'{space_name} can reach: {show(i, low[i], digits)} to '
+                        f'{show(i, high[i], digits)}')
+
+
+def restrict_tables(cost_tables: CostTables, fixed: Mapping[int, int] | None = None):
+  """Removes the layers of `fixed` (layer index -> op index) from the search.
+
+  Their cost joins the stem and head's in the offset, so for a full architecture `arch`,
+  cost_tables.cost(arch) == resource_cost(one_hot(arch[free]), tables, offset).
+  Returns (free layer indices [Lf], tables [2, Lf, O], mask [Lf, O], offset [2]), numpy.
+  """
+  fixed = dict(fixed or {})
+  full, mask = cost_tables.stacked(), np.asarray(cost_tables.mask, bool)
+  num_layers, num_ops = mask.shape
+  offset = cost_tables.fixed()
+  for layer, op in fixed.items():
+    if not (isinstance(layer, (int, np.integer)) and 0 <= layer < num_layers):
+      raise TargetError(f'fixed layer index {layer!r} is not one of the {num_layers} '
+                          f'searchable layers')
+    if not (isinstance(op, (int, np.integer)) and 0 <= op < num_ops and mask[layer, op]):
+      raise TargetError(f'op index {op!r} is not a candidate of searchable layer {layer} '
+                          f'({cost_tables.layer_names[layer]})')
+    offset += full[:, layer, op]
+  free = np.array([l for l in range(num_layers) if l not in fixed], dtype=np.int32)
+  return free, full[:, free], mask[free], offset
+
+
+def space_maxima(tables, mask, offset):
+  """M_i of Eqn 4-5: the largest cost the (restricted) space reaches, per resource."""
+  return reachable_range(tables, mask, offset)[1]
+
+
+def architecture_costs(indices, tables, offset):
+  """Exact float64 costs [n, R] of op indices [n, L] (numpy; for evaluation)."""
+  indices = np.asarray(indices)
+  tables = np.asarray(tables, np.float64)
+  rows = np.arange(tables.shape[1])
+  return tables[:, rows, indices].sum(axis=-1).T + np.asarray(offset, np.float64)
+
+
+def full_indices(free, fixed: Mapping[int, int], free_indices):
+  """Op indices of the whole space [n, L] from those of the free layers [n, Lf]."""
+  free_indices = np.asarray(free_indices)
+  out = np.zeros(free_indices.shape[:-1] + (len(free) + len(fixed),), np.int32)
+  out[..., free] = free_indices
+  for layer, op in fixed.items():
+    out[..., layer] = op
+  return out

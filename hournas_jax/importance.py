@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hournas_jax import blocks, spaces, vital
+from hournas_jax import blocks, errors, spaces, vital
 
 
-class AnalysisError(ValueError):
+class AnalysisError(errors.UserError, ValueError):
   """An analysis was asked for with values it cannot use; the message says what is allowed."""
 
 

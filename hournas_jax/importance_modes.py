@@ -66,8 +66,8 @@ def trained_model(setup):
           'or search), or set --config.train.arch to a preset, a JSON file or comma-separated '
           'ops to train here')
     ops = list(requested) if requested is not None else train.resolve_architecture(setup)
-    retrain.run(setup.config, setup, run_dir, ops, phase=TRAIN_PHASE)
-  trainer, state, meta = retrain.load_model(setup.config, setup, run_dir, TRAIN_PHASE)
+    retrain.run(setup, run_dir, ops, phase=TRAIN_PHASE)
+  trainer, state, meta = retrain.load_model(setup, run_dir, TRAIN_PHASE)
   if requested is not None and tuple(meta['ops']) != requested:
     raise importance.AnalysisError(
         f'the model in {run_dir} is {",".join(meta["ops"])}, but config.train.arch asks for '
@@ -149,7 +149,6 @@ def sensitivity_members(setup):
 
 
 def run_sensitivity(setup) -> dict:
-  from hournas_jax import train  # pylint: disable=g-import-not-at-top
   grid, members = sensitivity_members(setup)
   directory = os.path.join(setup.workdir, 'sensitivity')
   json_path = os.path.join(setup.workdir, 'sensitivity.json')
@@ -180,7 +179,7 @@ def run_sensitivity(setup) -> dict:
 
   write(final=False)
   try:
-    workers = train.default_workers(int(setup.config.analysis.workers))
+    workers = population.default_workers(int(setup.config.analysis.workers))
     population.train_population(setup, members, directory, workers=workers,
                                 log_prefix='[sensitivity]', on_record=on_record)
   except BaseException:

@@ -17,9 +17,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hournas_jax import errors
+
 DATA_AXIS = 'data'
 
-class DistributedError(RuntimeError):
+class DistributedError(errors.UserError, RuntimeError):
   """A multi-process run cannot start (a setting missing or wrong, no coordinator)."""
 
 
@@ -129,10 +131,6 @@ def make_mesh(devices=None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 def replicate(tree, mesh: Mesh):

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from hournas_jax import arch as arch_lib
-from hournas_jax import costs, data, logging_utils, retrain, spaces
+from hournas_jax import costs, logging_utils, retrain, spaces
 
 FILENAME = 'population.jsonl'
 
@@ -44,15 +44,27 @@ class Member:
   tag: str = ''
 
 
+def default_workers(requested: int) -> int:
+  """Processes for population training: `requested`, or one per CPU core on a CPU (one XLA:CPU
+  program of these small networks keeps about one core busy) and 1 on accelerators."""
+  if requested > 0:
+    return int(requested)
+  return (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1
+
+
 def recipe_fingerprint(setup) -> str:
   """A short hash of everything a member's result depends on besides its ops and seed."""
   space = setup.space
   train = {k: v for k, v in sorted(setup.config.train.to_dict().items())
            if k not in retrain.NOT_IN_FINGERPRINT}
+  if train.get('precision') == 'float32':  # the default: stores from before it existed match
+    del train['precision']
   fields = {'dataset': setup.dataset, 'image_shape': list(setup.image_shape),
             'space': space.name, 'width': space.width, 'space_ops': list(space.op_names),
             'layers': [(l.name, l.in_channels, l.out_channels, l.stride) for l in space.layers],
             'num_classes': space.num_classes, 'train': train}
+  if setup.data_source():  # only then, so that stores written before it existed still match
+    fields['data'] = setup.data_source()
   text = json.dumps(fields, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -104,18 +116,14 @@ def train_member(setup, ops: Sequence[str], seed: int) -> dict:
   """Trains `ops` from scratch with config.train and training seed `seed`; evaluates it on the
   test split. Returns top1, top5, loss, examples and wall_s (no checkpoints are written)."""
   tcfg = setup.config.train
-  steps_per_epoch = data.steps_per_epoch(setup.dataset, 'train', tcfg.batch_size,
-                                         data_dir=setup.data_dir)
+  steps_per_epoch = setup.steps_per_epoch('train', tcfg.batch_size)
   total = retrain.total_steps(tcfg, steps_per_epoch)
   start = time.time()
   trainer = retrain.Retrainer(setup.space, ops, tcfg, image_shape=setup.image_shape,
                               steps_per_epoch=steps_per_epoch, total_steps=total,
                               mesh=setup.mesh, seed=seed)
   state = trainer.init()
-  batches = data.prefetch_to_mesh(
-      data.make_batches(setup.dataset, 'train', batch_size=tcfg.batch_size,
-                        image_size=setup.image_size, seed=seed, train=True,
-                        data_dir=setup.data_dir, channels=setup.channels), setup.mesh)
+  batches = setup.batches('train', tcfg.batch_size, seed=seed)
   for _ in range(total):
     state, _ = trainer.train_step(state, next(batches))
   if not bool(trainer.all_finite(state['params'])):

@@ -14,37 +14,30 @@ Pieces:
   Adam), tau = tau0 * decay**step; returns the thetas and the final tau to sample them at.
 - sample_two_level / sample_architectures: pi, then theta; two_level_straight_through: the same
   with gradients to pi and Theta, for stage 2 (two_level_relaxed: its Gumbel-softmax ablation).
-- restrict_tables: fixes layers (the vital ones after stage 1) and folds their cost into the
-  offset; reachable_range / check_targets: refuse targets no architecture reaches.
+The cost tables they work on (restricted to the searched layers, with the reachable range and
+the target checks) are `costs.py`'s.
 
 Resources are stacked in the order of `CostTables.stacked()`: index 0 params, index 1 FLOPs.
-Everything but the CLI and the numpy helpers is pure and jittable. Temperatures follow
+Everything but the numpy helpers is pure and jittable. Temperatures follow
 `sampling.py`: samples come from softmax(theta / tau), so lowering tau sharpens them (the
 search's 'relaxed' reading samples at tau = 1 instead).
 
-CLI:
-    python -m hournas_jax.proposals --space fbnet --params 4.8e6 --flops 300e6 --proposals 8
+The command-line tool that optimises and evaluates proposals alone is `tools/proposals.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import os
-import sys
-import time
-from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hournas_jax import costs, sampling, spaces
+from hournas_jax import costs, sampling
 
-RESOURCE_NAMES = ('params', 'FLOPs')
+RESOURCE_NAMES = costs.RESOURCE_NAMES
 
 # Defaults of `optimize_proposals`, chosen to meet the FBNet bar (m = 8, 4.8M params / 300M
 # FLOPs: >= 90% of samples within 5% of both targets, < 5 s on a 2-core CPU, compile included;
@@ -78,11 +71,11 @@ DEFAULT_TAU_DECAY = 0.99465
 DEFAULT_INIT_STD = 1.0
 DEFAULT_CANDIDATES_PER_PROPOSAL = 2
 DEFAULT_SCREEN_SAMPLES = 64
-TOLERANCE = 0.05  # "within the targets": |R_i - T_i| <= 5% of T_i
+TOLERANCE = costs.TOLERANCE
 
 
-class ProposalError(ValueError):
-  """Targets or fixed layers that no architecture of the space can satisfy."""
+class ProposalError(costs.TargetError):
+  """A command-line value the proposals tool cannot use."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,80 +321,6 @@ def two_level_relaxed(key, thetas, pi_logits, tau, mask, pi_tau=1.0):
   return chosen, jnp.einsum('m,mlo->lo', s, weights)
 
 
-# --------------------------------------------------------------------------------------------
-# Tables, ranges and checks (numpy, outside jit).
-
-
-def reachable_range(tables, mask, offset):
-  """(lowest [R], highest [R]) cost over every architecture of the (restricted) space."""
-  tables, mask = np.asarray(tables, np.float64), np.asarray(mask, bool)
-  offset = np.asarray(offset, np.float64)
-  if tables.shape[1] == 0:
-    return offset.copy(), offset.copy()
-  lowest = np.where(mask, tables, np.inf).min(axis=-1).sum(axis=-1) + offset
-  highest = np.where(mask, tables, -np.inf).max(axis=-1).sum(axis=-1) + offset
-  return lowest, highest
-
-
-def _millions(x: float, digits: int = 1) -> str:
-  return f'{x / 1e6:.{digits}f}M' if abs(x) >= 1e5 else f'{x / 1e6:.3f}M'
-
-
-def check_targets(tables, mask, offset, targets, active, space_name: str = 'the space'):
-  """Raises ProposalError, one line, for a non-finite, non-positive or unreachable target."""
-  low, high = reachable_range(tables, mask, offset)
-  for i, name in enumerate(RESOURCE_NAMES[:len(low)]):
-    if not active[i]:
-      continue
-    t = float(targets[i])
-    if not math.isfinite(t) or t <= 0:
-      raise ProposalError(f'{name} target must be a positive number, got {t!r}')
-    if not low[i] <= t <= high[i]:
-      digits = 1  # enough digits that the target does not print as the bound it misses
-      while digits < 4 and _millions(t, digits) in (_millions(low[i], digits),
-                                                    _millions(high[i], digits)):
-        digits += 1
-      raise ProposalError(f'{name} target {_millions(t, digits)} is outside what space '
-                          f'{space_name} can reach: {_millions(low[i], digits)} to '
-                          f'{_millions(high[i], digits)}')
-
-
-def restrict_tables(cost_tables: costs.CostTables, fixed: Mapping[int, int] | None = None):
-  """Removes the layers of `fixed` (layer index -> op index) from the search.
-
-  Their cost joins the stem and head's in the offset, so for a full architecture `arch`,
-  cost_tables.cost(arch) == resource_cost(one_hot(arch[free]), tables, offset).
-  Returns (free layer indices [Lf], tables [2, Lf, O], mask [Lf, O], offset [2]), numpy.
-  """
-  fixed = dict(fixed or {})
-  full, mask = cost_tables.stacked(), np.asarray(cost_tables.mask, bool)
-  num_layers, num_ops = mask.shape
-  offset = np.array([cost_tables.fixed_params, cost_tables.fixed_flops], np.float64)
-  for layer, op in fixed.items():
-    if not (isinstance(layer, (int, np.integer)) and 0 <= layer < num_layers):
-      raise ProposalError(f'fixed layer index {layer!r} is not one of the {num_layers} '
-                          f'searchable layers')
-    if not (isinstance(op, (int, np.integer)) and 0 <= op < num_ops and mask[layer, op]):
-      raise ProposalError(f'op index {op!r} is not a candidate of searchable layer {layer} '
-                          f'({cost_tables.layer_names[layer]})')
-    offset += full[:, layer, op]
-  free = np.array([l for l in range(num_layers) if l not in fixed], dtype=np.int32)
-  return free, full[:, free], mask[free], offset
-
-
-def space_maxima(tables, mask, offset):
-  """M_i of Eqn 4-5: the largest cost the (restricted) space reaches, per resource."""
-  return reachable_range(tables, mask, offset)[1]
-
-
-def architecture_costs(indices, tables, offset):
-  """Exact float64 costs [n, R] of op indices [n, L] (numpy; for evaluation)."""
-  indices = np.asarray(indices)
-  tables = np.asarray(tables, np.float64)
-  rows = np.arange(tables.shape[1])
-  return tables[:, rows, indices].sum(axis=-1).T + np.asarray(offset, np.float64)
-
-
 def argmax_architectures(thetas, mask):
   """The most probable op of every layer of every proposal, [m, L] (numpy; any tau)."""
   return np.argmax(np.where(np.asarray(mask, bool), np.asarray(thetas), -np.inf), axis=-1)
@@ -423,278 +342,3 @@ def diversity(thetas, mask):
               mean_ops_per_layer=float(np.mean([len(set(best[:, l]))
                                                 for l in range(best.shape[1])]))
               if best.shape[1] else 0.0)
-
-
-def full_indices(free, fixed: Mapping[int, int], free_indices):
-  """Op indices of the whole space [n, L] from those of the free layers [n, Lf]."""
-  free_indices = np.asarray(free_indices)
-  out = np.zeros(free_indices.shape[:-1] + (len(free) + len(fixed),), np.int32)
-  out[..., free] = free_indices
-  for layer, op in fixed.items():
-    out[..., layer] = op
-  return out
-
-
-# --------------------------------------------------------------------------------------------
-# CLI.
-
-
-def parse_fix(text: str | None, space: spaces.SearchSpace) -> dict[int, int]:
-  """'layer2_1=k5e6,layer3_1=k5e6' -> {searchable layer index: op index}."""
-  if not text:
-    return {}
-  fixed = {}
-  names = space.searchable_names
-  for item in text.split(','):
-    item = item.strip()
-    if not item:
-      continue
-    layer, sep, op = (s.strip() for s in item.partition('='))
-    if not sep or not layer or not op:
-      raise ProposalError(f'--fix takes layer=op pairs separated by commas, got {item!r}')
-    if layer not in names:
-      raise ProposalError(f'--fix: no searchable layer {layer!r} in space {space.name} '
-                          f'(layers {names[0]} to {names[-1]})')
-    li = names.index(layer)
-    allowed = space.searchable_layers[li].ops
-    if op not in allowed:
-      raise ProposalError(f'--fix: op {op!r} is not a candidate of {layer}; allowed: '
-                          f'{", ".join(allowed)}')
-    if li in fixed and fixed[li] != space.op_names.index(op):
-      raise ProposalError(f'--fix: layer {layer} is given twice')
-    fixed[li] = space.op_names.index(op)
-  return fixed
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit 2, instead of usage + message
-    sys.stderr.write(f'{self.prog}: error: {message}\n')
-    sys.exit(2)
-
-
-def _positive_int(text):
-  value = int(text)
-  if value < 1:
-    raise ValueError(text)
-  return value
-
-
-_positive_int.__name__ = 'positive integer'
-
-
-def _seed(text):
-  value = int(text)
-  if not 0 <= value < 2 ** 32:
-    raise ValueError(text)
-  return value
-
-
-_seed.__name__ = 'seed (0 to 2**32 - 1)'
-
-
-def _decay(text):
-  value = float(text)
-  if not 0 < value <= 1:
-    raise ValueError(text)
-  return value
-
-
-_decay.__name__ = 'decay in (0, 1]'
-
-
-def _finite_float(text):
-  value = float(text)
-  if not math.isfinite(value):
-    raise ValueError(text)
-  return value
-
-
-_finite_float.__name__ = 'number'
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='python -m hournas_jax.proposals',
-              description='Optimise HourNAS space proposals for params/FLOPs targets.')
-  p.add_argument('--space', default='fbnet', help=f'one of {", ".join(spaces.SPACE_NAMES)}')
-  p.add_argument('--params', type=_finite_float, help='target parameters, e.g. 4.8e6')
-  p.add_argument('--flops', type=_finite_float, help='target FLOPs (multiply-adds), e.g. 300e6')
-  p.add_argument('--proposals', type=_positive_int, default=8, help='m, number of proposals')
-  p.add_argument('--resolution', type=_positive_int, default=224)
-  p.add_argument('--classes', type=_positive_int, default=1000)
-  p.add_argument('--width', type=_finite_float, default=1.0)
-  p.add_argument('--seed', type=_seed, default=0)
-  p.add_argument('--iterations', type=_positive_int, default=DEFAULT_ITERATIONS,
-                 help='optimisation steps; tau ends at 5 * tau_decay**iterations')
-  p.add_argument('--tau-decay', type=_decay, default=DEFAULT_TAU_DECAY,
-                 help='tau multiplier per step (the default takes tau from 5 to 1 in '
-                      f'{DEFAULT_ITERATIONS} steps)')
-  p.add_argument('--samples', type=_positive_int, default=10000,
-                 help='architectures drawn to evaluate the proposals')
-  p.add_argument('--fix', help='fixed layers, e.g. layer2_1=k5e6,layer3_1=k5e6')
-  p.add_argument('--json', action='store_true', help='last stdout line: a JSON summary')
-  p.add_argument('--plot', help='write Figure 3 (samples at several temperatures) to FILE.png')
-  return p
-
-
-def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_proposals=8,
-        seed=0, iterations=DEFAULT_ITERATIONS, tau_decay=DEFAULT_TAU_DECAY, samples=10000,
-        fixed: Mapping[int, int] | None = None, plot: str | None = None) -> dict:
-  """Optimises and evaluates proposals; returns the summary the CLI prints.
-
-  The space's supernet-fixed layers (EfficientNet's layer1_1) are fixed as the search fixes
-  them, unless `fixed` names them.
-  """
-  fixed = {**{space.searchable_names.index(layer): space.op_names.index(op)
-              for layer, op in space.supernet_fixed.items()}, **dict(fixed or {})}
-  if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
-    raise ProposalError(f'cannot write the plot {plot!r}: its folder does not exist')
-  table = costs.cost_tables(space)
-  free, tables, mask, offset = restrict_tables(table, fixed)
-  if len(free) == 0:
-    raise ProposalError('every searchable layer is fixed: nothing is left to search')
-  active = np.array([t is not None for t in targets])
-  if not active.any():
-    raise ProposalError('give at least one target: --params and/or --flops')
-  target_values = np.array([t if t is not None else 0.0 for t in targets], np.float64)
-  label = space.name + (f' with {len(fixed)} fixed layer{"s" * (len(fixed) > 1)}' if fixed
-                        else '')
-  check_targets(tables, mask, offset, target_values, active, label)
-  maxima = space_maxima(tables, mask, offset)
-
-  key = jax.random.PRNGKey(seed)
-  opt_key, sample_key = jax.random.split(key)
-  # Wall time is the bar; CPU time (all threads) tells a busy machine from a slow program.
-  start, cpu_start = time.perf_counter(), time.process_time()
-  thetas, final_tau = optimize_proposals(opt_key, tables, mask, offset, target_values, maxima,
-                                         active, num_proposals=num_proposals,
-                                         iterations=iterations, tau_decay=tau_decay)
-  thetas = jax.block_until_ready(thetas)
-  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-  final_tau = float(final_tau)
-
-  pi_logits = jnp.zeros(num_proposals)  # uniform pi, as at the start of the search
-  chosen, indices = sample_two_level(sample_key, thetas, pi_logits, final_tau,
-                                     jnp.asarray(mask), n=samples)
-  chosen, indices = np.asarray(chosen), np.asarray(indices)
-  sample_costs = architecture_costs(indices, tables, offset)
-  ok = within_targets(sample_costs, target_values, active)
-
-  expected = np.asarray(expected_cost(thetas, jnp.asarray(tables, jnp.float32),
-                                      jnp.asarray(offset, jnp.float32), final_tau,
-                                      jnp.asarray(mask)), np.float64)
-  best = argmax_architectures(thetas, mask)
-  best_full = full_indices(free, fixed, best)
-  per_proposal = []
-  for k in range(num_proposals):
-    mine = chosen == k
-    per_proposal.append(dict(
-        expected_params=float(expected[k, 0]), expected_flops=float(expected[k, 1]),
-        within_5pct=float(ok[mine].mean()) if mine.any() else None,
-        argmax_ops=[space.op_names[i] for i in best_full[k]]))
-  low, high = reachable_range(tables, mask, offset)
-  summary = dict(
-      space=space.name, resolution=space.resolution, classes=space.num_classes,
-      width=space.width, proposals=num_proposals, iterations=iterations, seed=seed,
-      tau_decay=tau_decay,
-      targets=dict(params=targets[0], flops=targets[1]),
-      fixed={space.searchable_names[l]: space.op_names[o] for l, o in sorted(fixed.items())},
-      reachable=dict(params=[float(low[0]), float(high[0])], flops=[float(low[1]),
-                                                                   float(high[1])]),
-      final_tau=final_tau, seconds=seconds, cpu_seconds=cpu_seconds, samples=samples,
-      within_5pct=float(ok.mean()),
-      distinct_sampled=len({tuple(r) for r in indices}),
-      sampled_params=dict(mean=float(sample_costs[:, 0].mean()),
-                          std=float(sample_costs[:, 0].std())),
-      sampled_flops=dict(mean=float(sample_costs[:, 1].mean()),
-                         std=float(sample_costs[:, 1].std())),
-      diversity=diversity(thetas, mask),
-      per_proposal=per_proposal)
-  if plot:
-    plot_figure3(plot, thetas, mask, tables, offset, target_values, active, final_tau,
-                 sample_key, samples, space.name)
-    summary['plot'] = plot
-  return summary
-
-
-def plot_figure3(path, thetas, mask, tables, offset, targets, active, final_tau, key,
-                 samples, space_name, taus=(5.0, 2.0, 1.0, 0.2)):
-  """Figure 3: sampled architectures' params (M) against FLOPs (M) at falling temperatures:
-  `taus` and the final tau of the optimisation (marked), one panel each."""
-  from hournas_jax import analysis  # pylint: disable=g-import-not-at-top  (analysis imports this)
-
-  taus = sorted({float(t) for t in taus if not math.isclose(t, final_tau, rel_tol=0.01)}
-                | {final_tau}, reverse=True)
-  m = thetas.shape[0]
-  fig, axes = analysis.new_figure(1, len(taus), figsize=(4 * len(taus), 4), sharex=True,
-                                  sharey=True)
-  for ax, tau in zip(np.atleast_1d(axes), taus):
-    _, idx = sample_two_level(key, thetas, jnp.zeros(m), tau, jnp.asarray(mask), n=samples)
-    c = architecture_costs(np.asarray(idx), tables, offset) / 1e6
-    share = within_targets(c * 1e6, targets, active).mean()
-    ax.scatter(c[:, 0], c[:, 1], s=2, alpha=0.3, color='tab:blue', rasterized=True)
-    if active[0]:
-      ax.axvline(targets[0] / 1e6, color='tab:red', ls='--', lw=1)
-    if active[1]:
-      ax.axhline(targets[1] / 1e6, color='tab:red', ls='--', lw=1)
-    if active.all():  # the +-5% box around the targets
-      lo, hi = (1 - TOLERANCE) * targets / 1e6, (1 + TOLERANCE) * targets / 1e6
-      ax.add_patch(analysis.rectangle((lo[0], lo[1]), hi[0] - lo[0], hi[1] - lo[1],
-                                      fill=False, edgecolor='tab:red', lw=1))
-    final = ' (final)' if tau == final_tau else ''
-    ax.set_title(f'tau = {tau:.3g}{final}: {share:.1%} within 5%')
-    ax.set_xlabel('params (M)')
-  np.atleast_1d(axes)[0].set_ylabel('FLOPs (M)')
-  fig.suptitle(f'{samples} architectures sampled from {m} space proposals ({space_name})')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-
-
-def _print_summary(s: dict) -> None:
-  t = s['targets']
-  shown = ', '.join(f'{k} {_millions(v)}' for k, v in (('params', t['params']),
-                                                        ('FLOPs', t['flops'])) if v is not None)
-  print(f'space {s["space"]} ({s["resolution"]}px, {s["classes"]} classes, width '
-        f'{s["width"]}); targets: {shown}; {s["proposals"]} proposals, {s["iterations"]} '
-        f'iterations, final tau {s["final_tau"]:.4g}')
-  if s['fixed']:
-    print('fixed: ' + ', '.join(f'{l}={o}' for l, o in s['fixed'].items()))
-  print(f'{"proposal":>8} {"E[params]":>10} {"E[FLOPs]":>10} {"within 5%":>10}')
-  for k, p in enumerate(s['per_proposal']):
-    w = '-' if p['within_5pct'] is None else f'{p["within_5pct"]:.1%}'
-    print(f'{k:>8} {_millions(p["expected_params"], 2):>10} {_millions(p["expected_flops"]):>10} '
-          f'{w:>10}')
-  d = s['diversity']
-  print(f'diversity: {d["distinct_architectures"]} distinct argmax architectures, '
-        f'{d["mean_hamming"]:.0%} of layers differ between two proposals on average, '
-        f'{d["mean_ops_per_layer"]:.1f} distinct ops per layer')
-  sp, sf = s['sampled_params'], s['sampled_flops']
-  print(f'{s["within_5pct"]:.1%} of {s["samples"]} architectures (uniform pi, final tau) within '
-        f'5% of every target ({s["distinct_sampled"]} distinct); sampled params '
-        f'{_millions(sp["mean"], 2)} +- {_millions(sp["std"], 2)}, FLOPs '
-        f'{_millions(sf["mean"])} +- {_millions(sf["std"])}')
-  print(f'optimisation took {s["seconds"]:.2f} s (compile included; '
-        f'{s["cpu_seconds"]:.2f} s of CPU time)')
-  if s.get('plot'):
-    print(f'wrote {s["plot"]}')
-
-
-def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    space = spaces.get_space(args.space, resolution=args.resolution, num_classes=args.classes,
-                             width=args.width)
-    fixed = parse_fix(args.fix, space)
-    summary = run(space, (args.params, args.flops), num_proposals=args.proposals,
-                  seed=args.seed, iterations=args.iterations, tau_decay=args.tau_decay,
-                  samples=args.samples, fixed=fixed, plot=args.plot)
-  except (spaces.SpaceError, ProposalError, ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  _print_summary(summary)
-  if args.json:
-    print(json.dumps(summary))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

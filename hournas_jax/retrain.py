@@ -22,23 +22,25 @@ Recipe pieces (config.train):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from hournas_jax import checkpoint
 from hournas_jax import data
+from hournas_jax import errors
 from hournas_jax import logging_utils
+from hournas_jax import loop
 from hournas_jax import mesh as mesh_lib
-from hournas_jax import optim, spaces, supernet
+from hournas_jax import blocks, optim, spaces, supernet
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
@@ -119,8 +121,9 @@ class Retrainer:
     self.steps_per_epoch = int(steps_per_epoch)
     self.mesh = mesh
     self.seed = int(seed)
-    self.net = supernet.SuperNet(space, supernet.fixed_layer_ops(space, self.ops),
-                                 dropout_rate=float(tcfg.dropout_rate))
+    self.net = supernet.SuperNet(
+        space, supernet.fixed_layer_ops(space, self.ops), dropout_rate=float(tcfg.dropout_rate),
+        dtype=blocks.compute_dtype(tcfg.get('precision', 'float32')))
     self.schedule = make_schedule(tcfg, steps_per_epoch, total_steps)
     self.tx = make_optimizer(tcfg, self.schedule)
     self.ema_decay = float(tcfg.ema_decay)
@@ -293,21 +296,20 @@ def model_meta(setup, ops, total: int, phase: str, steps_per_epoch: int) -> dict
           'stem_stride': space.stem_stride,
           'space_ops': list(space.op_names), 'image_shape': list(setup.image_shape),
           'dataset': setup.dataset,
+          **({'data': setup.data_source()} if setup.data_source() else {}),
           'ops': list(ops), 'total_steps': int(total), 'steps_per_epoch': int(steps_per_epoch),
           'seed': int(setup.config.seed),
-          'train': config_train_dict(setup)}
+          'train': setup.config.train.to_dict()}
 
 
-def config_train_dict(setup) -> dict:
-  return setup.config.train.to_dict()
-
-
-def fingerprint(config, setup, ops) -> dict:
+def fingerprint(setup, ops) -> dict:
   """The fields a retraining run's results depend on (checked when a workdir is reused)."""
+  config = setup.config
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
           'stem_stride': setup.space.stem_stride,
           'image_shape': list(setup.image_shape), 'seed': int(config.seed), 'ops': list(ops),
           'processes': jax.process_count(),
+          **({'data': setup.data_source()} if setup.data_source() else {}),
           **{f'train.{k}': v for k, v in sorted(config.train.to_dict().items())
              if k not in NOT_IN_FINGERPRINT}}
 
@@ -317,41 +319,30 @@ NOT_IN_FINGERPRINT = ('arch', 'eval_batch_size', 'eval_every_steps', 'snapshot_e
 
 
 def eval_batches(setup, batch_size: int):
-  return data.prefetch_to_mesh(
-      data.make_batches(setup.dataset, 'eval', batch_size=batch_size,
-                        image_size=setup.image_size, seed=0, train=False,
-                        data_dir=setup.data_dir, channels=setup.channels), setup.mesh)
+  return setup.batches('eval', batch_size, seed=0, train=False)
 
 
-def _check_finite(trainer, state, loss_sum, phase, step, last_good, directory):
-  bad = not math.isfinite(loss_sum) or not bool(mesh_lib.to_host(trainer.all_finite(
-      state['params'])))
-  if bad:
-    kept = (f'the last good checkpoint (step {last_good}) is kept in {directory}'
-            if last_good is not None else 'no checkpoint had been written yet')
-    raise TrainingError(f'{phase}: the loss became non-finite by step {step}; stopped, {kept}; '
-                        'try a lower config.train.learning_rate')
-
-
-def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dict:
+def run(setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dict:
   """Trains `ops` from scratch (or continues the run in `run_dir`) and evaluates it.
 
   Returns the results dict also written to <run_dir>/results.json.
   """
+  config = setup.config
   tcfg = config.train
   paths = RunPaths(run_dir)
   os.makedirs(run_dir, exist_ok=True)
-  checkpoint.check_fingerprint(os.path.dirname(run_dir), phase, fingerprint(config, setup, ops),
-                              implicit={'stem_stride': 2, 'processes': 1})
-  steps_per_epoch = data.steps_per_epoch(setup.dataset, 'train', tcfg.batch_size,
-                                         data_dir=setup.data_dir)
+  checkpoint.check_fingerprint(os.path.dirname(run_dir), phase, fingerprint(setup, ops),
+                              implicit={'stem_stride': 2, 'processes': 1,
+                                        'train.precision': 'float32'})
+  steps_per_epoch = setup.steps_per_epoch('train', tcfg.batch_size)
   total = total_steps(tcfg, steps_per_epoch)
   trainer = Retrainer(setup.space, ops, tcfg, image_shape=setup.image_shape,
                       steps_per_epoch=steps_per_epoch, total_steps=total, mesh=setup.mesh,
                       seed=config.seed)
   meta = model_meta(setup, ops, total, phase, steps_per_epoch)
-  ckpt = checkpoint.Checkpointer(paths.checkpoints, keep=config.keep_checkpoints)
-  try:
+  tensorboard = os.path.join(os.path.dirname(run_dir), 'tensorboard', phase)
+  with checkpoint.Checkpointer(paths.checkpoints, keep=config.keep_checkpoints) as ckpt, \
+      logging_utils.SummaryWriter(tensorboard, enabled=config.tensorboard) as writer:
     latest = ckpt.latest_step()
     if latest is None:
       state = trainer.init()
@@ -361,24 +352,17 @@ def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train'
                          f'({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}), batch '
                          f'{tcfg.batch_size}, on {mesh_lib.describe(setup.mesh)}')
     else:
-      state = ckpt.restore(latest, lambda other: trainer.abstract_state())
-      state.pop('meta', None)
+      state, _ = ckpt.restore(latest, lambda _: trainer.abstract_state())
       logging_utils.info(f'[{phase}] resuming from the checkpoint of step {latest} in '
                          f'{paths.checkpoints}')
     step = int(mesh_lib.to_host(state['step']))
-    last_good = latest
-    writer = logging_utils.SummaryWriter(
-        os.path.join(os.path.dirname(run_dir), 'tensorboard', phase), enabled=config.tensorboard)
-    with writer:
-      if step < total:
-        state, last_good = _train_loop(config, setup, trainer, state, step, total, ckpt, meta,
-                                       phase, paths, last_good, writer)
-      ckpt.wait()
-      results = trainer.evaluate(state, eval_batches(setup, tcfg.eval_batch_size))
-      writer.scalars(total, {'eval/top1': results['top1'], 'eval/top5': results['top5'],
-                             'eval/loss': results['loss']})
-  finally:
-    ckpt.close()
+    if step < total:
+      state = _train_loop(setup, trainer, state, step, total, ckpt, meta, phase, paths, latest,
+                          writer)
+    ckpt.wait()
+    results = trainer.evaluate(state, eval_batches(setup, tcfg.eval_batch_size))
+    writer.scalars(total, {'eval/top1': results['top1'], 'eval/top5': results['top5'],
+                           'eval/loss': results['loss']})
   results.update({'phase': phase, 'steps': total, 'ops': list(ops),
                   'evaluated': 'ema' if trainer.ema_decay else 'weights'})
   if jax.process_index() == 0:
@@ -389,41 +373,19 @@ def run(config, setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train'
   return results
 
 
-def _train_loop(config, setup, trainer, state, step, total, ckpt, meta, phase, paths,
-                last_good, writer):
+def _train_loop(setup, trainer, state, step, total, ckpt, meta, phase, paths, last_good,
+                writer):
+  config = setup.config
   tcfg = config.train
-  batches = data.prefetch_to_mesh(
-      data.make_batches(setup.dataset, 'train', batch_size=tcfg.batch_size,
-                        image_size=setup.image_size, seed=config.seed, start_step=step,
-                        train=True, data_dir=setup.data_dir, channels=setup.channels),
-      setup.mesh)
-  progress = logging_utils.Progress(phase, total, step, tcfg.batch_size)
-  log_every = max(1, config.log_every_steps)
-  ckpt_every = max(1, config.checkpoint_every_steps)
+  batches = setup.batches('train', tcfg.batch_size, seed=config.seed, start_step=step)
   eval_every = max(0, tcfg.eval_every_steps)
   snapshot_every = snapshot_interval(tcfg, trainer.steps_per_epoch)
-  sums, count = None, 0
-  loss_since_check = jnp.zeros(())
-  while step < total:
+
+  def step_fn(state):
     state, metrics = trainer.train_step(state, next(batches))
-    step += 1
-    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    count += 1
-    loss_since_check = loss_since_check + metrics['loss']
-    if step % log_every == 0 or step == total:
-      host = {k: float(v) / count for k, v in mesh_lib.to_host(sums).items()}
-      sums, count = None, 0
-      if not math.isfinite(host['loss']):
-        _check_finite(trainer, state, float('nan'), phase, step, last_good, paths.checkpoints)
-      rates = progress.line(step, host)
-      writer.scalars(step, {**{f'train/{k}': v for k, v in host.items()},
-                            'train/images_per_sec': rates['images_per_sec']})
-    if step % ckpt_every == 0 or step == total:
-      _check_finite(trainer, state, float(mesh_lib.to_host(loss_since_check)), phase, step,
-                    last_good, paths.checkpoints)
-      loss_since_check = jnp.zeros(())
-      ckpt.save(step, {**state, 'meta': meta})
-      last_good = step
+    return state, metrics, False
+
+  def after_step(step, state, boundary):  # pylint: disable=unused-argument
     if snapshot_every and (step % snapshot_every == 0 or step == total):
       save_snapshot(paths.snapshots, step, state['params'])
     if eval_every and step % eval_every == 0 and step < total:
@@ -431,44 +393,43 @@ def _train_loop(config, setup, trainer, state, step, total, ckpt, meta, phase, p
       logging_utils.info(f'[{phase}] step {step}: eval top-1 {100 * results["top1"]:.2f}%')
       writer.scalars(step, {'eval/top1': results['top1'], 'eval/top5': results['top5'],
                             'eval/loss': results['loss']})
-  return state, last_good
+
+  spec = loop.Loop(phase=phase, total=total, batch_size=tcfg.batch_size,
+                   log_every=max(1, config.log_every_steps),
+                   checkpoint_every=max(1, config.checkpoint_every_steps),
+                   directory=paths.checkpoints, error=TrainingError,
+                   hint='try a lower config.train.learning_rate')
+  return loop.run(spec, state, step, last_good, step_fn=step_fn, writer=writer,
+                  save_fn=lambda step, state: ckpt.save(step, state, {'meta': meta}),
+                  wait_fn=ckpt.wait,
+                  finite_fn=lambda state: bool(mesh_lib.to_host(trainer.all_finite(
+                      state['params']))),
+                  after_step=after_step)
 
 
-def load_model(config, setup, run_dir: str, phase: str = 'train'):
+def load_model(setup, run_dir: str, phase: str = 'train'):
   """(trainer, state, meta) of the latest checkpoint in `run_dir` (for 'eval' mode)."""
   paths = RunPaths(run_dir)
   if not os.path.isdir(paths.checkpoints):
     raise checkpoint.CheckpointError(
         f'no trained model in {run_dir}: run --config.mode=train (or search) in this workdir '
         'first')
-  ckpt = checkpoint.Checkpointer(paths.checkpoints, keep=config.keep_checkpoints)
-  try:
+  with checkpoint.Checkpointer(paths.checkpoints, keep=setup.config.keep_checkpoints) as ckpt:
     latest = ckpt.latest_step()
     if latest is None:
       raise checkpoint.CheckpointError(f'no complete checkpoint in {paths.checkpoints}: run '
-                                       '--config.mode=train in this workdir first')
-    holder = {}
-
-    def template(other):
-      meta = other.get('meta') or {}
-      if meta.get('kind') != 'retrain':
-        raise checkpoint.CheckpointError(f'{paths.checkpoints} does not hold a trained model')
-      space = spaces.get_space(meta['space'], resolution=int(meta['resolution']),
-                               num_classes=int(meta['num_classes']), width=float(meta['width']),
-                               ops=tuple(meta['space_ops']),
-                               stem_stride=int(meta.get('stem_stride', 2)))
-      import ml_collections  # pylint: disable=g-import-not-at-top
-      tcfg = ml_collections.ConfigDict(meta['train'])
-      holder['trainer'] = Retrainer(
-          space, meta['ops'], tcfg, image_shape=tuple(meta['image_shape']),
-          steps_per_epoch=int(meta.get('steps_per_epoch', 1)),
-          total_steps=int(meta['total_steps']), mesh=setup.mesh,
-          seed=int(meta.get('seed', config.seed)))
-      holder['meta'] = meta
-      return holder['trainer'].abstract_state()
-
-    state = ckpt.restore(latest, template)
-  finally:
-    ckpt.close()
-  state.pop('meta', None)
-  return holder['trainer'], state, holder['meta']
+                                       f'--config.mode={phase} in this workdir first')
+    meta = ckpt.read_meta(latest).get('meta') or {}
+    if meta.get('kind') != 'retrain':
+      raise checkpoint.CheckpointError(f'{paths.checkpoints} does not hold a trained model')
+    space = spaces.get_space(meta['space'], resolution=int(meta['resolution']),
+                             num_classes=int(meta['num_classes']), width=float(meta['width']),
+                             ops=tuple(meta['space_ops']),
+                             stem_stride=int(meta.get('stem_stride', 2)))
+    trainer = Retrainer(space, meta['ops'], ml_collections.ConfigDict(meta['train']),
+                        image_shape=tuple(meta['image_shape']),
+                        steps_per_epoch=int(meta.get('steps_per_epoch', 1)),
+                        total_steps=int(meta['total_steps']), mesh=setup.mesh,
+                        seed=int(meta.get('seed', setup.config.seed)))
+    state, _ = ckpt.restore(latest, lambda _: trainer.abstract_state())
+  return trainer, state, meta

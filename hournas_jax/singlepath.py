@@ -25,8 +25,9 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from hournas_jax import blocks, optim, spaces, supernet
+from hournas_jax import blocks, engines, optim, spaces, supernet
 
 
 def _apply_train(candidate, params, stats, x):
@@ -105,18 +106,22 @@ def _copy(tree):
 
 
 class SinglePathEngine:
-  """Trains a SuperNet one sampled path at a time.
+  """Trains a SuperNet one sampled path at a time (the engine interface of `engines.py`).
 
   State is a plain pytree {'params', 'batch_stats', 'opt_state'}, each {layer: {op: tree}}
   (plus {layer: {'shared': ...}} with weight sharing), so it checkpoints as is and loads into
-  `supernet.SuperNet` for whole-network use.
+  `supernet.SuperNet` for whole-network use. The path-level methods (`train_path`,
+  `path_gates`, `recalibrate`, `logits`) take the path as {layer: op}.
   """
+
+  runs = 'path'
 
   def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
                weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0, weight_sharing: bool = False):
+               label_smoothing: float = 0.0, weight_sharing: bool = False, dtype=None):
     self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing))
+    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing),
+                                 dtype=dtype)
     self.chain = self.net.active_layers
     # Layers where a choice is made each step (more than one candidate).
     self.choice_layers = tuple(l.name for l, o in self.chain if len(o) > 1)
@@ -154,7 +159,40 @@ class SinglePathEngine:
       _put(new_stats, name, s)
     return chain, inputs, x, new_stats
 
-  def train_step(self, state, images, labels, path: Mapping[str, str], lr):
+  # ----- The engine interface (engines.py).
+
+  def train_step(self, state, batch, choice: engines.Choice, lr):
+    """One SGD step of the chosen path's weights. Returns (state, metrics)."""
+    return self.train_path(state, batch['image'], batch['label'], choice.path(self.space), lr)
+
+  def arch_grads(self, state, batch, choice: engines.Choice):
+    """(state with new BatchNorm statistics, metrics, d loss / d A [L, O]): only the sampled
+    entries of A are non-zero. A layer with a single candidate (an op subset can leave one,
+    e.g. no skip where the shape changes) has no gate: its op is not a choice, so its gradient
+    is zero."""
+    num_ops = len(self.space.op_names)
+    if not choice.layers:
+      return *self.path_loss(state, batch, choice), jnp.zeros((0, num_ops))
+    state, metrics, gates = self.path_gates(state, batch['image'], batch['label'],
+                                            choice.path(self.space))
+    idx = np.asarray(choice.idx)
+    grad_a = jnp.stack([jax.nn.one_hot(idx[i], num_ops) * gates.get(n, 0.0)
+                        for i, n in enumerate(choice.layers)])
+    return state, metrics, grad_a
+
+  def path_loss(self, state, batch, choice: engines.Choice):
+    """Loss of the chosen path, forward only (the score-function architecture gradient).
+
+    As `arch_grads` without the backward pass through the blocks: weights are not updated,
+    BatchNorm running statistics are, the same way. Returns (state, metrics).
+    """
+    _, _, _, new_stats, metrics, _ = self._path_head(state, batch['image'], batch['label'],
+                                                     choice.path(self.space))
+    return {**state, 'batch_stats': new_stats}, metrics
+
+  # ----- Paths as {layer: op}.
+
+  def train_path(self, state, images, labels, path: Mapping[str, str], lr):
     """One SGD step of the sampled path's weights. Returns (state, metrics)."""
     chain, inputs, x, new_stats = self._run_forward(state, images, path)
     stats = state['batch_stats']
@@ -176,15 +214,6 @@ class SinglePathEngine:
       _put(params, name, p), _put(opt, name, o)
     return {'params': params, 'batch_stats': new_stats, 'opt_state': opt}, metrics
 
-  def path_loss(self, state, images, labels, path: Mapping[str, str]):
-    """Loss of the sampled path, forward only (the score-function architecture gradient).
-
-    As `arch_grads` without the backward pass through the blocks: weights are not updated,
-    BatchNorm running statistics are, the same way. Returns (state, metrics).
-    """
-    _, _, _, new_stats, metrics, _ = self._path_head(state, images, labels, path)
-    return {**state, 'batch_stats': new_stats}, metrics
-
   def _path_head(self, state, images, labels, path: Mapping[str, str]):
     """The sampled path's forward and its head's loss, weights untouched: (chain, inputs to
     each block, the head's input, BatchNorm statistics updated along the path, metrics,
@@ -198,7 +227,7 @@ class SinglePathEngine:
     _put(new_stats, name, s)
     return chain, inputs, x, new_stats, metrics, gy
 
-  def arch_grads(self, state, images, labels, path: Mapping[str, str]):
+  def path_gates(self, state, images, labels, path: Mapping[str, str]):
     """Loss of the sampled path and d loss / d A[l, o_l] for every choice layer.
 
     Weights are not updated; BatchNorm running statistics are (the layers run in training

@@ -27,8 +27,10 @@ import dataclasses
 import math
 from typing import Mapping
 
+from hournas_jax import errors
 
-class SpaceError(ValueError):
+
+class SpaceError(errors.UserError, ValueError):
   """A search space or architecture was asked for with values it does not allow."""
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -88,9 +88,9 @@ class Candidate:
 
 
 def candidate(space: spaces.SearchSpace, layer: spaces.LayerSpec, ops: tuple[str, ...], op: str,
-              weight_sharing: bool = False) -> Candidate:
+              weight_sharing: bool = False, dtype=None) -> Candidate:
   """The Candidate of `op` in `layer` of a SuperNet whose layer holds `ops`."""
-  block = blocks.make_block(space, layer, op)
+  block = blocks.make_block(space, layer, op, dtype=dtype)
   shared = None
   if weight_sharing and blocks.shares_kernels(space.ops[op]):
     shared = blocks.shared_kernels(space, layer, ops)
@@ -105,9 +105,11 @@ class SuperBlock(nn.Module):
   ops: tuple[str, ...]
   dropout_rate: float = 0.0
   weight_sharing: bool = False
+  dtype: Any = None
 
   def candidate(self, op: str) -> nn.Module:
-    return blocks.make_block(self.space, self.layer, op, self.dropout_rate, name=op)
+    return blocks.make_block(self.space, self.layer, op, self.dropout_rate, name=op,
+                             dtype=self.dtype)
 
   def _run(self, op: str, x, train: bool, kernels):
     if kernels is not None and blocks.shares_kernels(self.space.ops[op]):
@@ -129,17 +131,20 @@ class SuperBlock(nn.Module):
 class SuperNet(nn.Module):
   """The chain of SuperBlocks of `space`, each holding the candidates of `ops` (see layer_ops).
 
-  weight_sharing: the searchable layers' candidates share kernels (`blocks.SharedKernels`)."""
+  weight_sharing: the searchable layers' candidates share kernels (`blocks.SharedKernels`).
+  dtype: the activations' (`blocks.compute_dtype`: None = float32; bfloat16 = mixed precision)."""
   space: spaces.SearchSpace
   ops: tuple[tuple[str, ...], ...]
   dropout_rate: float = 0.0
   weight_sharing: bool = False
+  dtype: Any = None
 
   @nn.nowrap
   def candidate(self, layer: spaces.LayerSpec, op: str) -> Candidate:
     """How the single-path engine runs `op` of `layer` alone."""
     ops = dict((l.name, o) for l, o in self.active_layers)[layer.name]
-    return candidate(self.space, layer, ops, op, self.weight_sharing and layer.searchable)
+    return candidate(self.space, layer, ops, op, self.weight_sharing and layer.searchable,
+                     self.dtype)
 
   @property
   def active_layers(self):
@@ -164,7 +169,7 @@ class SuperNet(nn.Module):
     for layer, ops in self.active_layers:
       block = SuperBlock(self.space, layer, ops,
                          self.dropout_rate if layer.name == 'head' else 0.0,
-                         self.weight_sharing and layer.searchable, name=layer.name)
+                         self.weight_sharing and layer.searchable, self.dtype, name=layer.name)
       if weights is not None and len(ops) > 1:
         x = block(x, weights=weights[layer.name], train=train)
       else:

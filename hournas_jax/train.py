@@ -36,50 +36,30 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from hournas_jax import analysis
 from hournas_jax import arch as arch_lib
+from hournas_jax import blocks
 from hournas_jax import checkpoint
 from hournas_jax import costs
 from hournas_jax import data
+from hournas_jax import errors
 from hournas_jax import logging_utils
+from hournas_jax import loop
 from hournas_jax import mesh as mesh_lib
-from hournas_jax import proposals
 from hournas_jax import retrain
 from hournas_jax import sampling
 from hournas_jax import spaces
 
-MODES = ('search', 'train', 'eval', 'masking', 'sensitivity', 'saturation')
-SAMPLERS = ('gumbel_max', 'gumbel_softmax')
+MODES = ('search', 'train', 'eval', 'masking', 'sensitivity', 'saturation', 'export')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot be used; the message names the field."""
-
-
-class SearchError(RuntimeError):
-  """The search cannot go on (a non-finite loss); the last good checkpoint is kept."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-  """The exception types main.py reports as one `error: ...` line (no traceback)."""
-  from hournas_jax import importance  # pylint: disable=g-import-not-at-top
-  errors = [spaces.SpaceError, data.DataError, proposals.ProposalError, ConfigError,
-            SearchError, checkpoint.CheckpointError, checkpoint.WorkdirError,
-            retrain.TrainingError, importance.AnalysisError, mesh_lib.DistributedError]
-  try:
-    from hournas_jax import search  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    search = None
-  for name in ('SearchError', 'TargetError', 'ProposalError', 'SearchConfigError'):
-    error = getattr(search, name, None)
-    if isinstance(error, type) and issubclass(error, Exception):
-      errors.append(error)
-  return tuple(errors)
 
 
 @dataclasses.dataclass
@@ -94,10 +74,40 @@ class Setup:
   num_classes: int
   space: spaces.SearchSpace
   mesh: Any
+  data_options: data.DataOptions = dataclasses.field(default_factory=data.DataOptions)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, self.channels)
+
+  def data_source(self) -> dict:
+    """What, besides the dataset's name, decides which images a run sees: a folder's path and
+    the non-default config.data options ({} for the defaults, so fingerprints of runs that
+    set nothing stay as they were)."""
+    out = {}
+    if self.dataset == data.FOLDER:
+      out['data_dir'] = os.path.abspath(os.path.expanduser(self.data_dir or ''))
+    default = data.DataOptions()
+    changed = {k: v for k, v in dataclasses.asdict(self.data_options).items()
+               if v != getattr(default, k)}
+    if changed:
+      out['options'] = changed
+    return out
+
+  def steps_per_epoch(self, split: str, batch_size: int, train: bool = True) -> int:
+    """Batches per epoch of `batches(split, batch_size, train=train)`."""
+    return data.steps_per_epoch(self.dataset, split, batch_size, train=train,
+                                data_dir=self.data_dir, options=self.data_options)
+
+  def batches(self, split: str, batch_size: int, *, seed: int, start_step: int = 0,
+              train: bool = True, on_mesh: bool = True):
+    """The config's data as batches (`data.make_batches`), put onto the mesh unless
+    `on_mesh` is False (host numpy)."""
+    batches = data.make_batches(self.dataset, split, batch_size=batch_size,
+                                image_size=self.image_size, seed=seed, start_step=start_step,
+                                train=train, data_dir=self.data_dir, channels=self.channels,
+                                options=self.data_options)
+    return data.prefetch_to_mesh(batches, self.mesh) if on_mesh else batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,19 +128,22 @@ def validate_config(config) -> None:
          f'{config.mode!r}')
   _check(isinstance(config.seed, int) and config.seed >= 0,
          f'config.seed must be a non-negative integer, got {config.seed!r}')
-  _check(config.dataset in data.DATASETS, f'config.dataset must be one of '
-         f'{", ".join(data.DATASETS)}, got {config.dataset!r}')
+  data.check_config(config)  # dataset, channels, data_dir and config.data.*
   _check(config.image_size >= 0, 'config.image_size must be >= 0 (0 = dataset default)')
-  allowed_channels = (0, 1, 3) if config.dataset in data.OFFLINE_DATASETS else (0, 3)
-  _check(config.channels in allowed_channels, f'config.channels must be one of '
-         f'{allowed_channels} for {config.dataset}, got {config.channels!r}')
-  for key in ('params', 'flops'):
+  for key in ('params', 'flops', 'latency_ms'):
     value = config.targets[key]
     _check(_finite(value) and value >= 0, f'config.targets.{key} must be a number >= 0 '
            f'(0 = no target), got {value!r}')
+  if config.targets.latency_ms > 0:
+    table = config.targets.latency_table
+    _check(bool(table), 'config.targets.latency_ms needs config.targets.latency_table, the '
+           'latency table of your device (python -m hournas_jax.tools.latency --help)')
+    _check(os.path.isfile(os.path.expanduser(table)), f'config.targets.latency_table '
+           f'{table!r} is not a file (measure one with python -m hournas_jax.tools.latency)')
+  from hournas_jax import engines, search  # pylint: disable=g-import-not-at-top
   s = config.search
-  _check(s.sampler in SAMPLERS, f'config.search.sampler must be one of {", ".join(SAMPLERS)},'
-         f' got {s.sampler!r}')
+  _check(s.sampler in search.SAMPLERS, f'config.search.sampler must be one of '
+         f'{", ".join(search.SAMPLERS)}, got {s.sampler!r}')
   _check(s.batch_size > 0, 'config.search.batch_size must be positive')
   for key in ('vital_epochs', 'nonvital_epochs', 'vital_steps', 'nonvital_steps', 'val_every'):
     _check(s[key] >= 0, f'config.search.{key} must be >= 0')
@@ -142,8 +155,12 @@ def validate_config(config) -> None:
          f'config.search.arch_warmup must be in [0, 1), got {s.arch_warmup!r}')
   _check(s.tau0 > 0 and 0 < s.tau_decay <= 1,
          'config.search.tau0 must be > 0 and config.search.tau_decay in (0, 1]')
-  from hournas_jax import search  # pylint: disable=g-import-not-at-top
-  for key, allowed in (('schedule', search.SCHEDULES), ('temperature', search.TEMPERATURES),
+  try:
+    engines.engine_class(s.engine, s.sampler)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  for key, allowed in (('precision', blocks.PRECISIONS), ('schedule', search.SCHEDULES),
+                       ('temperature', search.TEMPERATURES),
                        ('weight_sharing', search.WEIGHT_SHARING),
                        ('arch_gradient', search.ARCH_GRADIENTS),
                        ('vital_init', search.VITAL_INITS)):
@@ -152,6 +169,8 @@ def validate_config(config) -> None:
   _check(config.stem_stride in (1, 2), f'config.stem_stride must be 1 or 2, got '
          f'{config.stem_stride!r}')
   t = config.train
+  _check(t.precision in blocks.PRECISIONS, f'config.train.precision must be one of '
+         f'{", ".join(blocks.PRECISIONS)}, got {t.precision!r}')
   _check(t.optimizer in retrain.OPTIMIZERS, f'config.train.optimizer must be one of '
          f'{", ".join(retrain.OPTIMIZERS)}, got {t.optimizer!r}')
   _check(t.schedule in retrain.SCHEDULES, f'config.train.schedule must be one of '
@@ -199,7 +218,8 @@ def configure_jax(config) -> None:
 
 def resolve_setup(config, workdir: str) -> Setup:
   data_dir = config.data_dir or None
-  info = data.dataset_info(config.dataset, data_dir)
+  options = data.options_from_config(config)
+  info = data.dataset_info(config.dataset, data_dir, options)
   image_size = config.image_size or int(info['image_shape'][0])
   channels = config.channels or int(info['image_shape'][2])
   ops = tuple(o.strip() for o in config.ops.split(',') if o.strip()) or None
@@ -208,7 +228,7 @@ def resolve_setup(config, workdir: str) -> Setup:
                            stem_stride=config.stem_stride)
   return Setup(config=config, workdir=workdir, dataset=config.dataset, data_dir=data_dir,
                image_size=image_size, channels=channels, num_classes=int(info['num_classes']),
-               space=space, mesh=mesh_lib.make_mesh())
+               space=space, mesh=mesh_lib.make_mesh(), data_options=options)
 
 
 def write_config(setup: Setup) -> None:
@@ -233,8 +253,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh_lib.maybe_initialize_distributed(config.distributed)
   configure_jax(config)
   workdir = checkpoint.prepare_workdir(workdir)
-  setup = resolve_setup(config, workdir)
-  write_config(setup)
+  with checkpoint.workdir_lock(workdir):
+    setup = resolve_setup(config, workdir)
+    write_config(setup)
+    return _run_mode(setup)
+
+
+def _run_mode(setup: Setup) -> dict:
+  config = setup.config
   if config.mode == 'search':
     result = run_search(setup)
     summary = {'search': result}
@@ -246,6 +272,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return _train_phases(setup, resolve_architecture(setup))
   if config.mode == 'eval':
     return run_eval(setup)
+  if config.mode == 'export':
+    from hournas_jax import export  # pylint: disable=g-import-not-at-top
+    return export.run(setup)
   from hournas_jax import importance_modes  # pylint: disable=g-import-not-at-top
   return {'masking': importance_modes.run_masking,
           'sensitivity': importance_modes.run_sensitivity,
@@ -253,10 +282,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_phases(setup: Setup, ops: Sequence[str]) -> dict:
-  results = {'train': retrain.run(setup.config, setup, os.path.join(setup.workdir, 'train'),
-                                  ops, phase='train')}
+  results = {'train': retrain.run(setup, os.path.join(setup.workdir, 'train'), ops,
+                                  phase='train')}
   if setup.config.random_baseline:
-    results['comparison'] = compare_with_random(setup, ops)
+    from hournas_jax import baseline  # pylint: disable=g-import-not-at-top
+    results['comparison'] = baseline.compare_with_random(setup, ops)
   return results
 
 
@@ -276,93 +306,6 @@ def resolve_architecture(setup: Setup) -> list[str]:
   return list(arch_lib.resolve(spec, setup.space).ops)
 
 
-def baseline_budget(space: spaces.SearchSpace, targets, ops: Sequence[str]) -> dict:
-  """The targets that are set, or the architecture's own params and FLOPs when none is."""
-  budget = {key: float(targets[key]) for key in ('params', 'flops') if targets[key]}
-  if budget:
-    return budget
-  own = costs.cost_tables(space).cost(arch_lib.Architecture(space.name, tuple(ops)).indices(
-      space))
-  return {'params': float(own[0]), 'flops': float(own[1])}
-
-
-def default_workers(requested: int) -> int:
-  """Processes for population training: `requested`, or one per CPU core on a CPU (one XLA:CPU
-  program of these small networks keeps about one core busy) and 1 on accelerators."""
-  if requested > 0:
-    return int(requested)
-  return (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1
-
-
-def compare_with_random(setup: Setup, ops: Sequence[str]) -> dict:
-  """Trains the architecture and config.baseline.architectures random ones of its budget with
-  config.baseline.seeds seeds each (population training, resumable in <workdir>/baseline) and
-  says where it falls among them and how that compares with the training noise."""
-  from hournas_jax import population  # pylint: disable=g-import-not-at-top
-  config, space = setup.config, setup.space
-  b = config.baseline
-  budget = baseline_budget(space, config.targets, ops)
-  random_archs = population.random_architectures(space, budget, int(b.architectures),
-                                                 seed=int(config.seed))
-  seeds = range(int(b.seeds))
-  members = [population.Member(tuple(ops), s, 'searched') for s in seeds]
-  members += [population.Member(a, s, 'random') for a in random_archs for s in seeds]
-  records = population.train_population(setup, members, os.path.join(setup.workdir,
-                                                                      'baseline'),
-                                        workers=default_workers(int(b.workers)),
-                                        log_prefix='[baseline]')
-  means = population.mean_by_architecture(records)
-  searched = means[tuple(ops)]
-  random_means = np.array([means[tuple(a)][0] for a in random_archs])
-  seed_stds = [v[1] for v in means.values() if np.isfinite(v[1])]
-  noise = float(np.mean(seed_stds)) if seed_stds else float('nan')
-  rank = 1 + int(np.sum(random_means > searched[0]))
-  comparison = {
-      'budget': budget, 'seeds': len(seeds),
-      'searched': {'ops': list(ops), 'top1': searched[0],
-                   'top1_seeds': [r['top1'] for r in records[:len(seeds)]],
-                   'params': records[0]['params'], 'flops': records[0]['flops']},
-      'random': {'architectures': [list(a) for a in random_archs],
-                 'top1': random_means.tolist(), 'median': float(np.median(random_means)),
-                 'min': float(random_means.min()), 'max': float(random_means.max()),
-                 'std': float(np.std(random_means, ddof=1)) if len(random_means) > 1 else 0.0},
-      'rank': rank, 'of': len(random_archs) + 1,
-      'percentile': float(100.0 * np.mean(random_means < searched[0])),
-      'seed_std': noise,
-  }
-  if jax.process_index() == 0:
-    checkpoint.atomic_write_json(os.path.join(setup.workdir, 'comparison.json'), comparison)
-  logging_utils.info(comparison_text(comparison))
-  return comparison
-
-
-def comparison_text(c: Mapping) -> str:
-  """What a user reads: where the searched architecture falls, against the noise."""
-  pct = lambda x: f'{100 * x:.2f}%'
-  r = c['random']
-  seeds = c['seeds']
-  gap = c['searched']['top1'] - r['median']
-  lines = ['', f'searched vs {len(r["top1"])} random architectures of the same budget (test '
-           f'top-1, each the mean of {seeds} training seed{"s" * (seeds > 1)}):',
-           f'  searched  {pct(c["searched"]["top1"])}  '
-           f'{",".join(c["searched"]["ops"])}',
-           f'  random    median {pct(r["median"])}, range {pct(r["min"])} to {pct(r["max"])}, '
-           f'std {pct(r["std"])} between architectures',
-           f'  the searched architecture ranks {c["rank"]} of {c["of"]} '
-           f'({c["percentile"]:.0f}th percentile of the random ones), '
-           f'{100 * gap:+.2f} points from their median.']
-  if np.isfinite(c['seed_std']):
-    noise = c['seed_std'] / np.sqrt(seeds)
-    verdict = ('beyond' if abs(gap) > 2 * noise else 'within') + ' the training noise'
-    lines.append(f'  training noise: {pct(c["seed_std"])} between seeds of one architecture, '
-                 f'{pct(noise)} for a {seeds}-seed mean: the gap is {verdict}'
-                 + (f' ({abs(gap) / noise:.1f}x)' if noise > 0 else '') + '.')
-  else:
-    lines.append('  training noise unknown with 1 seed per architecture: set '
-                 'config.baseline.seeds >= 2 to tell a real gap from noise.')
-  return '\n'.join(lines)
-
-
 # --------------------------------------------------------------------------------------------
 # Search.
 
@@ -373,19 +316,25 @@ SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
                             'search.temperature': 'logits', 'search.weight_sharing': 'none',
                             'search.arch_gradient': 'straight_through',
                             'search.arch_warmup': 0.0, 'search.vital_init': 'uniform',
-                            'processes': 1}
+                            'processes': 1, 'search.engine': '', 'search.precision': 'float32',
+                            'targets.latency_ms': 0.0, 'targets.latency_table': ''}
 
 
 def search_fingerprint(setup: Setup) -> dict:
   config = setup.config
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
           'ops': list(setup.space.op_names), 'stem_stride': setup.space.stem_stride,
+          **({'data': setup.data_source()} if setup.data_source() else {}),
           'image_shape': list(setup.image_shape), 'seed': int(config.seed),
           # A checkpoint holds what each process was at: resuming with another count would
           # not continue the same run.
           'processes': jax.process_count(),
           'targets.params': float(config.targets.params),
           'targets.flops': float(config.targets.flops),
+          'targets.latency_ms': float(config.targets.latency_ms),
+          # The table's measurements, not its path, are what the search depends on.
+          'targets.latency_table': (_file_digest(config.targets.latency_table)
+                                    if config.targets.latency_ms else ''),
           **{f'search.{k}': v for k, v in sorted(config.search.to_dict().items())}}
 
 
@@ -396,12 +345,10 @@ def search_steps(setup: Setup) -> tuple[int, int, int, int]:
   interleaved one never asks for them, and a run that takes no D_val step needs no D_val batch.
   """
   s = setup.config.search
-  per_epoch = data.steps_per_epoch(setup.dataset, 'search_train', s.batch_size,
-                                   data_dir=setup.data_dir)
+  per_epoch = setup.steps_per_epoch('search_train', s.batch_size)
   val_per_epoch = 0
   if s.get('schedule', 'interleaved') == 'epoch':
-    val_per_epoch = data.steps_per_epoch(setup.dataset, 'search_val', s.batch_size,
-                                         data_dir=setup.data_dir)
+    val_per_epoch = setup.steps_per_epoch('search_val', s.batch_size)
   vital = int(s.vital_steps) or max(1, int(round(s.vital_epochs * per_epoch)))
   nonvital = int(s.nonvital_steps) or max(1, int(round(s.nonvital_epochs * per_epoch)))
   return per_epoch, val_per_epoch, vital, nonvital
@@ -419,6 +366,28 @@ def _with_sharding(template, mesh):
   return jax.tree.map(fix, template)
 
 
+def _file_digest(path: str) -> str:
+  """sha256 of a file's bytes ('' for no file)."""
+  if not path:
+    return ''
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(os.path.expanduser(path), 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def cost_tables(setup: Setup) -> costs.CostTables:
+  """The space's params and FLOPs tables, with the latency table of config.targets when a
+  latency target is set (refused when it was measured for another space or input)."""
+  tables = costs.cost_tables(setup.space)
+  targets = setup.config.targets
+  if not targets.latency_ms:
+    return tables
+  from hournas_jax import latency  # pylint: disable=g-import-not-at-top
+  table = latency.latency_tables(os.path.expanduser(targets.latency_table), setup.space,
+                                 channels=setup.channels)
+  return tables.with_latency(table.latency, table.fixed_ms)
+
+
 def make_searcher(setup: Setup):
   """The Searcher of a setup's config (steps from the dataset's split sizes)."""
   from hournas_jax import search  # pylint: disable=g-import-not-at-top
@@ -426,7 +395,7 @@ def make_searcher(setup: Setup):
   per_epoch, val_per_epoch, vital_steps, nonvital_steps = search_steps(setup)
   return search.Searcher(setup.space, config.search, config.targets, setup.image_shape,
                          vital_steps, nonvital_steps, tr_steps_per_epoch=per_epoch,
-                         val_steps_per_epoch=val_per_epoch)
+                         val_steps_per_epoch=val_per_epoch, tables=cost_tables(setup))
 
 
 def load_search_state(setup: Setup):
@@ -439,9 +408,14 @@ def load_search_state(setup: Setup):
     if latest is None:
       raise checkpoint.CheckpointError(f'no search checkpoint in {directory}: run '
                                        '--config.mode=search there first')
-    state = ckpt.restore(latest, lambda other: _with_sharding(
-        searcher.template(other.get('meta', {})), setup.mesh))
+    state = _restore_search(searcher, ckpt, latest, setup.mesh)
   return searcher, state
+
+
+def _restore_search(searcher, ckpt, step: int, mesh):
+  from hournas_jax import search  # pylint: disable=g-import-not-at-top
+  arrays, meta = ckpt.restore(step, lambda meta: _with_sharding(searcher.template(meta), mesh))
+  return search.SearchState.from_parts(arrays, meta)
 
 
 def run_search(setup: Setup) -> dict:
@@ -451,8 +425,7 @@ def run_search(setup: Setup) -> dict:
   per_epoch, val_per_epoch, _, _ = search_steps(setup)
   searcher = make_searcher(setup)
   directory = os.path.join(setup.workdir, 'search', 'checkpoints')
-  ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
-  try:
+  with checkpoint.Checkpointer(directory, keep=config.keep_checkpoints) as ckpt:
     latest = ckpt.latest_step()
     if latest is None:
       if searcher.schedule == 'epoch':
@@ -468,91 +441,68 @@ def run_search(setup: Setup) -> dict:
           f'{per_epoch} steps per epoch of D_tr), on {mesh_lib.describe(setup.mesh)}')
       state = searcher.init(config.seed)
     else:
-      state = ckpt.restore(latest, lambda other: _with_sharding(
-          searcher.template(other.get('meta', {})), setup.mesh))
+      state = _restore_search(searcher, ckpt, latest, setup.mesh)
       logging_utils.info(f'[search] resuming from the checkpoint of step {latest} (stage '
-                         f'{searcher.stage(state)}) in {directory}')
-    if searcher.stage(state) != 'done':
-      state = _search_loop(setup, searcher, state, ckpt, searcher.total_steps, directory,
-                           latest)
+                         f'{state.stage}) in {directory}')
+    if state.stage != 'done':
+      state = _search_loop(setup, searcher, state, ckpt, directory, latest)
     ckpt.wait()
-  finally:
-    ckpt.close()
   return _write_search_result(setup, searcher, state)
 
 
-_LATEST = ('tau', 'lr')  # metrics shown as their latest value, not averaged
-
-
-def _search_loop(setup, searcher, state, ckpt, total, directory, last_good):
+def _search_loop(setup, searcher, state, ckpt, directory, last_good):
+  from hournas_jax import search  # pylint: disable=g-import-not-at-top
   config = setup.config
   s = config.search
-  counters = state['counters']
 
   def stream(split, start):
-    return data.prefetch_to_mesh(
-        data.make_batches(setup.dataset, split, batch_size=s.batch_size,
-                          image_size=setup.image_size, seed=config.seed,
-                          start_step=int(start), train=True, data_dir=setup.data_dir,
-                          channels=setup.channels), setup.mesh)
+    return setup.batches(split, s.batch_size, seed=config.seed, start_step=int(start))
 
   # The streams resume where the counters say; each is created on first use (a run may never
   # take a D_val step, and an 'epoch' run resumed in an architecture pass takes no D_tr batch
   # for a while).
   streams = {}
 
-  def next_batch(split, counter):
+  def next_batch(split, state, counter):
     if split not in streams:
-      streams[split] = stream(split, state['counters'][counter])
+      streams[split] = stream(split, state.counters[counter])
     return next(streams[split])
 
-  step = int(counters['step'])
-  progress = logging_utils.Progress('search', total, step, s.batch_size)
-  sums, counts = {}, {}  # averaged over the steps since the last progress line
   record_history = _search_history(setup.workdir, searcher, state, last_good)
+  stage_before = {'stage': state.stage}  # the stage of the step being logged
+
+  def step_fn(state):
+    stage_before['stage'] = state.stage
+    needs_tr, needs_val = searcher.batches_needed(state)
+    tr_batch = next_batch('search_train', state, 'tr_step') if needs_tr else None
+    val_batch = next_batch('search_val', state, 'val_step') if needs_val else None
+    new_state, metrics = searcher.train_step(state, tr_batch, val_batch)
+    return new_state, metrics, new_state.stage != state.stage
+
+  def on_log(step, state):  # pylint: disable=unused-argument
+    stage = stage_before['stage']
+    record_history(state, stage)
+    if state.stage not in (stage, 'done'):  # where the next stage starts from
+      record_history(state, state.stage)
+
+  def after_step(step, state, boundary):
+    if boundary:
+      stage = stage_before['stage']
+      vital_ops = state.vital_ops if stage == 'vital' else None
+      logging_utils.info(f'[search] {stage} stage done at step {step}'
+                         + (f'; vital ops: {vital_ops}' if vital_ops else ''))
+
+  spec = loop.Loop(phase='search', total=searcher.total_steps, batch_size=s.batch_size,
+                   log_every=config.log_every_steps,
+                   checkpoint_every=config.checkpoint_every_steps, directory=directory,
+                   error=search.SearchError, hint='try a lower config.search.weight_lr')
   with logging_utils.SummaryWriter(os.path.join(setup.workdir, 'tensorboard', 'search'),
                                    enabled=config.tensorboard) as writer:
-    while True:
-      stage = searcher.stage(state)
-      if stage == 'done':
-        break
-      needs_tr, needs_val = searcher.batches_needed(state)
-      tr_batch = next_batch('search_train', 'tr_step') if needs_tr else None
-      val_batch = next_batch('search_val', 'val_step') if needs_val else None
-      state, metrics = searcher.train_step(state, tr_batch, val_batch)
-      step = int(state['counters']['step'])
-      for key in ('loss', 'val_loss'):
-        if not math.isfinite(float(metrics.get(key, 0.0))):
-          kept = (f'the last good checkpoint (step {last_good}) is kept in {directory}'
-                  if last_good is not None else 'no checkpoint had been written yet')
-          raise SearchError(f'search: the {key.replace("_", " ")} became non-finite at step '
-                            f'{step} ({stage} stage); stopped, {kept}; try a lower '
-                            'config.search.weight_lr')
-      for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-          if key in _LATEST:
-            sums[key], counts[key] = float(value), 1
-          else:
-            sums[key] = sums.get(key, 0.0) + float(value)
-            counts[key] = counts.get(key, 0) + 1
-      new_stage = searcher.stage(state)
-      if step % config.log_every_steps == 0 or new_stage != stage:
-        shown = {k: v / counts[k] for k, v in sums.items()}
-        rates = progress.line(step, shown, stage)
-        writer.scalars(step, {**{f'search/{k}': v for k, v in shown.items()},
-                              'search/images_per_sec': rates['images_per_sec']})
-        sums, counts = {}, {}
-        record_history(state, stage)
-        if new_stage not in (stage, 'done'):  # where the next stage starts from
-          record_history(state, new_stage)
-      if new_stage != stage or step % config.checkpoint_every_steps == 0:
-        ckpt.save(step, mesh_lib.global_arrays(state, setup.mesh))
-        last_good = step
-      if new_stage != stage:
-        vital_ops = state['meta'].get('vital_ops') if stage == 'vital' else None
-        logging_utils.info(f'[search] {stage} stage done at step {step}'
-                           + (f'; vital ops: {vital_ops}' if vital_ops else ''))
-  return state
+    return loop.run(spec, state, state.step, last_good, step_fn=step_fn, writer=writer,
+                    save_fn=lambda step, state: ckpt.save(
+                        step, mesh_lib.global_arrays(state.arrays(), setup.mesh),
+                        state.meta()),
+                    wait_fn=ckpt.wait, on_log=on_log, after_step=after_step)
 
 
 def _search_history(workdir: str, searcher, state, resumed_step):
@@ -588,15 +538,16 @@ def _search_history(workdir: str, searcher, state, resumed_step):
     if not primary:
       return
     # Host copies: the record is computed on process 0 alone, never as a program over the mesh.
-    arch = {k: np.asarray(v) for k, v in state['arch'].items()}
+    arch = {k: np.asarray(v) for k, v in state.arch.items()}
     if stage == 'vital' and 'theta' not in arch:  # the vital stage has just ended
-      arch = {'theta': np.asarray(state['meta']['theta_vital'], np.float32)}
+      arch = {'theta': np.asarray(state.theta_vital, np.float32)}
     tau = float(searcher.tau(state))
     # Searcher.probabilities is at tau = 1, and softmax(theta / t) = softmax of theta / t at 1.
     t = float(sampling.sampling_tau(tau, searcher.tau_mode))
     scaled = {k: v / t if k in ('theta', 'thetas') else v for k, v in arch.items()}
-    line = {'step': int(state['counters']['step']), 'stage': stage, 'tau': tau,
-            'probabilities': searcher.probabilities({**state, 'arch': scaled})}
+    line = {'step': state.step, 'stage': stage, 'tau': tau,
+            'probabilities': searcher.stage_of(state.replace(stage=stage)).probabilities(
+                scaled)}
     if 'pi' in arch:
       pi = np.asarray(jax.nn.softmax(arch['pi']))
       line.update(pi=pi.tolist(), proposal=int(np.argmax(pi)))
@@ -604,7 +555,7 @@ def _search_history(workdir: str, searcher, state, resumed_step):
       f.write(json.dumps(line) + '\n')
 
   if resumed_step is None:
-    record(state, searcher.stage(state))
+    record(state, state.stage)
   return record
 
 
@@ -622,11 +573,11 @@ def _write_search_result(setup: Setup, searcher, state) -> dict:
       logging_utils.info('\n' + f.read())
   logging_utils.info(f'[search] architecture written to {setup.workdir}/arch.json: '
                      f'{",".join(architecture.ops)}')
-  off = {k: v for k, v in result.get('deviation', {}).items() if abs(v) > proposals.TOLERANCE}
+  off = {k: v for k, v in result.get('deviation', {}).items() if abs(v) > costs.TOLERANCE}
   if off:
     shown = ', '.join(f'{k} {100 * v:+.1f}%' for k, v in off.items())
     logging_utils.info(f'[search] warning: the architecture is more than '
-                       f'{100 * proposals.TOLERANCE:.0f}% off its targets ({shown})')
+                       f'{100 * costs.TOLERANCE:.0f}% off its targets ({shown})')
   return result
 
 
@@ -636,7 +587,8 @@ def _write_search_result(setup: Setup, searcher, state) -> dict:
 
 def check_model_data(setup: Setup, meta, run_dir: str) -> None:
   """Refuses a saved model trained on other data than the config's."""
-  if meta.get('dataset') != setup.dataset or tuple(meta['image_shape']) != setup.image_shape:
+  if (meta.get('dataset') != setup.dataset or tuple(meta['image_shape']) != setup.image_shape
+      or meta.get('data', {}) != setup.data_source()):
     raise ConfigError(f'the model in {run_dir} was trained on {meta.get("dataset")} '
                       f'{tuple(meta["image_shape"])}, not {setup.dataset} '
                       f'{setup.image_shape}: use the config it was trained with')
@@ -646,7 +598,7 @@ def run_eval(setup: Setup) -> dict:
   results = {}
   for phase in ('train',):
     run_dir = os.path.join(setup.workdir, phase)
-    trainer, state, meta = retrain.load_model(setup.config, setup, run_dir, phase)
+    trainer, state, meta = retrain.load_model(setup, run_dir, phase)
     check_model_data(setup, meta, run_dir)
     step = int(mesh_lib.to_host(state['step']))
     if step < int(meta['total_steps']):

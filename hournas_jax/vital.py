@@ -45,9 +45,3 @@ def vital_layers(space: spaces.SearchSpace, searchable_only: bool = True) -> tup
     if not _connected(output + 1, without, 0, output):
       vital.append(layer.name)
   return tuple(vital)
-
-
-def vital_mask(space: spaces.SearchSpace):
-  """Boolean per searchable layer: is it vital."""
-  names = set(vital_layers(space))
-  return tuple(name in names for name in space.searchable_names)

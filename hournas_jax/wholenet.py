@@ -1,9 +1,11 @@
-"""Whole-network programs: a fixed architecture, or every candidate at once.
+"""Whole-network programs: every candidate at once (the HourNAS-I / FBNet ablation), or a fixed
+network.
 
-- Fixed network: `SuperNet` with one op per layer (`supernet.fixed_layer_ops`), compiled as one
-  program. Retraining and evaluation of a searched architecture use it.
-- All candidates: each SuperBlock outputs the sum of its candidates weighted by FBNet's
-  Gumbel-softmax (the HourNAS-I / FBNet ablation). Every candidate's weights move every step.
+Each SuperBlock outputs the sum of its candidates weighted by the relaxed sample A (FBNet's
+Gumbel-softmax weights), so every candidate's weights move every step. With one op per layer
+(`supernet.fixed_layer_ops`) and `engines.Choice.none` it is the fixed network, compiled as one
+program (the reference of `benchmarks/supernet_step.py`; retraining has its own recipe in
+`retrain.py`).
 
 State has the layout of `singlepath.SinglePathEngine` ({layer: {op: tree}}), so one checkpoint
 format serves both.
@@ -12,24 +14,28 @@ format serves both.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from hournas_jax import optim, spaces, supernet
+from hournas_jax import engines, optim, spaces, supernet
 
 
 class WholeNetEngine:
+  """The engine interface of `engines.py` over every candidate, weighted by A."""
+
+  runs = 'all'
 
   def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
                weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0, dropout_rate: float = 0.0,
-               weight_sharing: bool = False):
+               label_smoothing: float = 0.0, weight_sharing: bool = False, dtype=None):
     self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops), dropout_rate=dropout_rate,
-                                 weight_sharing=bool(weight_sharing))
+    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing),
+                                 dtype=dtype)
     self.choice_layers = tuple(l.name for l, o in self.net.active_layers if len(o) > 1)
     self.direction = optim.weight_direction(momentum, weight_decay, nesterov)
     self.label_smoothing = label_smoothing
-    self.train_step = jax.jit(self._train_step)
-    self.arch_grads = jax.jit(self._arch_grads)
+    self._train = jax.jit(self._train_step)
+    self._grads = jax.jit(self._arch_grads)
+    self._loss_only = jax.jit(self._path_loss)
     self.logits = jax.jit(self._logits)
 
   def init(self, seed: int, image_shape) -> dict:
@@ -39,18 +45,47 @@ class WholeNetEngine:
     """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
     return optim.train_state_shapes(self.net, self.direction, image_shape)
 
-  def _loss(self, params, stats, images, labels, weights, rng):
+  # ----- The engine interface (engines.py).
+
+  def train_step(self, state, batch, choice: engines.Choice, lr):
+    """One SGD step of every candidate. Returns (state, metrics)."""
+    return self._train(state, batch['image'], batch['label'], lr, self._relaxed(choice))
+
+  def arch_grads(self, state, batch, choice: engines.Choice):
+    """(state with new BatchNorm statistics, metrics, d loss / d A [L, O]); weights stay."""
+    state, metrics, grads = self._grads(state, batch['image'], batch['label'],
+                                        self._relaxed(choice))
+    cols = engines.columns(self.space, choice.layers)
+    num_ops = len(self.space.op_names)
+    grad_a = jnp.stack([jnp.zeros(num_ops).at[jnp.asarray(cols[n])].set(grads[n])
+                        for n in choice.layers]) if choice.layers else jnp.zeros((0, num_ops))
+    return state, metrics, grad_a
+
+  def path_loss(self, state, batch, choice: engines.Choice):
+    """(state with new BatchNorm statistics, metrics) of the weighted network, forward only."""
+    return self._loss_only(state, batch['image'], batch['label'], self._relaxed(choice))
+
+  def _relaxed(self, choice: engines.Choice):
+    """{layer: weights over the layer's candidates, in its own op order} from A [L, O]; None
+    for a fixed network."""
+    if not choice.layers:
+      return None
+    cols = engines.columns(self.space, choice.layers)
+    return {n: choice.a[i, jnp.asarray(cols[n])] for i, n in enumerate(choice.layers)}
+
+  # ----- Programs.
+
+  def _loss(self, params, stats, images, labels, weights):
     logits, updated = self.net.apply(
         {'params': params, 'batch_stats': stats}, images, weights=weights, train=True,
-        mutable=['batch_stats'], rngs={'dropout': rng} if rng is not None else None)
+        mutable=['batch_stats'])
     loss = optim.cross_entropy(logits, labels, self.label_smoothing)
     metrics = {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
     return loss, (metrics, updated['batch_stats'])
 
-  def _train_step(self, state, images, labels, lr, weights=None, rng=None):
-    """One SGD step. weights: {layer: [n ops]} for all-ops mode, None for a fixed network."""
+  def _train_step(self, state, images, labels, lr, weights):
     grads, (metrics, stats) = jax.grad(self._loss, has_aux=True)(
-        state['params'], state['batch_stats'], images, labels, weights, rng)
+        state['params'], state['batch_stats'], images, labels, weights)
     params, opt = {}, {}
     for layer in state['params']:
       params[layer], opt[layer] = optim.sgd_update_parts(
@@ -58,13 +93,15 @@ class WholeNetEngine:
     return {'params': params, 'batch_stats': stats, 'opt_state': opt}, metrics
 
   def _arch_grads(self, state, images, labels, weights):
-    """d loss / d weights for every choice layer (weights stay; BN statistics move)."""
-    loss_w = lambda w: self._loss(state['params'], state['batch_stats'], images, labels, w,
-                                  None)
+    loss_w = lambda w: self._loss(state['params'], state['batch_stats'], images, labels, w)
     grads, (metrics, stats) = jax.grad(loss_w, has_aux=True)(weights)
     return {**state, 'batch_stats': stats}, metrics, grads
+
+  def _path_loss(self, state, images, labels, weights):
+    _, (metrics, stats) = self._loss(state['params'], state['batch_stats'], images, labels,
+                                     weights)
+    return {**state, 'batch_stats': stats}, metrics
 
   def _logits(self, state, images, weights=None):
     return self.net.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
                           images, weights=weights, train=False)
-

@@ -1,8 +1,9 @@
-"""A tiny FBNet-like space for tests that train (few layers and ops keep XLA compiles few), and
-main.py as a subprocess with it registered."""
+"""A tiny FBNet-like space for tests that train (few layers and ops keep XLA compiles few), a
+tiny config on it, and main.py as a subprocess with it registered."""
 
 import textwrap
 
+from configs import quickstart
 from hournas_jax import spaces
 
 TOY_TABLE = dict(stem=8, fixed=(), stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
@@ -13,6 +14,25 @@ def toy_space(resolution=16, num_classes=10, ops=None):
   """5 SuperBlocks: layer1_1 (keeps shape), layer2_1 (vital), layer2_2, layer3_1 (vital),
   layer3_2."""
   return spaces.from_table('toy', TOY_TABLE, resolution, num_classes, 1.0, ops)
+
+
+def tiny_config(**overrides):
+  """configs/quickstart.py on the toy space (register it as 'toy' in spaces.SPACE_TABLES): a
+  3 + 3 step search, 4 training steps."""
+  config = quickstart.get_config()
+  config.space, config.width, config.ops = 'toy', 1.0, ''
+  config.targets.params, config.targets.flops = 7e3, 90e3
+  config.search.vital_steps = config.search.nonvital_steps = 3
+  config.search.batch_size = 8
+  config.search.val_every = 2
+  config.train.steps = 4
+  config.train.batch_size = 16
+  config.random_baseline = False
+  config.proposal_samples = 100
+  config.checkpoint_every_steps = 2
+  config.log_every_steps = 1
+  config.update_from_flattened_dict(overrides)
+  return config
 
 
 # `python -c TOY_MAIN [SLOW] ARGS...` is main.py with the toy space registered as 'toy'; SLOW

@@ -100,7 +100,7 @@ def test_a_shared_step_trains_the_kernels_and_only_the_sampled_batchnorm():
   images = jnp.asarray(rng.standard_normal((4, 12, 12, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 4, 4), jnp.int32)
   path = {'layer1_1': 'k3e1', 'layer1_2': 'k5e3', 'layer2_1': 'k3e1'}
-  new, metrics = engine.train_step(state, images, labels, path, 0.1)
+  new, metrics = engine.train_path(state, images, labels, path, 0.1)
   assert np.isfinite(float(metrics['loss']))
   changed = lambda a, b: not np.allclose(np.asarray(a), np.asarray(b))
   shared_old = state['params']['layer1_1']['shared']

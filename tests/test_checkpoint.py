@@ -16,9 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import quickstart
-from hournas_jax import checkpoint, spaces, train
-from spaces_for_tests import TOY_MAIN, TOY_TABLE
+from hournas_jax import checkpoint, errors, spaces, train
+from spaces_for_tests import TOY_MAIN, TOY_TABLE, tiny_config
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 # Shared by every test that runs main.py in a subprocess: XLA's persistent compilation cache
@@ -50,6 +49,14 @@ def run_main(args, workdir, timeout=300):
   process = start_main(args, workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   stdout, stderr = process.communicate(timeout=timeout)
   return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def start_with_reference(args, workdir, **kwargs):
+  """(reference, process, workdir): an uninterrupted run of `args` in <workdir>/../reference
+  and, alongside it (2 cores), a slowed-down run in `workdir` for a test to interrupt."""
+  reference = start_main(args, workdir.parent / 'reference', stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+  return reference, start_main(args, workdir, slow=True, **kwargs), workdir
 
 
 def finalized_steps(directory):
@@ -121,33 +128,25 @@ def test_fingerprint_refuses_a_run_of_another_config(tmp_path):
 # Orbax checkpoints.
 
 
-def example_state(value=1.0):
+def example_arrays(value=1.0):
   tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
   params = {'layer': {'op': {'kernel': jnp.full((2, 3), value)}, 'skip': {}}}
-  return {'params': params, 'opt_state': tx.init(params), 'key': jnp.array([1, 2], jnp.uint32),
-          'counters': {'step': 7, 'tr_step': 7, 'val_step': 1}, 'seed': 3,
-          'meta': {'stage': 'nonvital', 'vital_ops': {'layer2_1': 'k3e6'}, 'empty': {}}}
+  return {'params': params, 'opt_state': tx.init(params), 'key': jnp.array([1, 2], jnp.uint32)}
 
 
-def abstract_of(state):
-  arrays, _ = checkpoint.split_state(state)
+EXAMPLE_META = {'counters': {'step': 7, 'tr_step': 7, 'val_step': 1}, 'seed': 3,
+                'meta': {'stage': 'nonvital', 'vital_ops': {'layer2_1': 'k3e6'}, 'empty': {}}}
+
+
+def abstract_of(arrays):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays)
-
-
-def test_split_and_merge_keep_arrays_and_json_apart():
-  state = example_state()
-  arrays, other = checkpoint.split_state(state)
-  assert set(arrays) == {'params', 'opt_state', 'key'}
-  assert other == {'counters': state['counters'], 'seed': 3, 'meta': state['meta']}
-  merged = checkpoint.merge_state(arrays, other)
-  assert jax.tree.structure(merged) == jax.tree.structure(state)
 
 
 def test_checkpointer_round_trip_ignores_unfinished_steps(tmp_path):
   directory = str(tmp_path / 'ckpt')
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
-    ckpt.save(1, example_state(1.0))
-    ckpt.save(2, example_state(2.0))
+    ckpt.save(1, example_arrays(1.0), EXAMPLE_META)
+    ckpt.save(2, example_arrays(2.0), EXAMPLE_META)
   # What a process killed mid-save leaves: orbax's temporary directory, never a step.
   half = tmp_path / 'ckpt' / '9.orbax-checkpoint-tmp-1234'
   (half / 'state').mkdir(parents=True)
@@ -156,35 +155,96 @@ def test_checkpointer_round_trip_ignores_unfinished_steps(tmp_path):
     assert ckpt.latest_step() == 2 and ckpt.all_steps() == [1, 2]
     seen = {}
 
-    def template(other):
-      seen.update(other)
-      return abstract_of(example_state())
+    def template(meta):
+      seen.update(meta)
+      return abstract_of(example_arrays())
 
-    restored = ckpt.restore(2, template)
-  assert seen['meta'] == example_state()['meta']  # the template sees the JSON part first
+    restored, meta = ckpt.restore(2, template)
+  assert seen == meta == EXAMPLE_META  # the template sees the JSON part first
   np.testing.assert_array_equal(restored['params']['layer']['op']['kernel'], 2.0)
-  assert restored['counters'] == {'step': 7, 'tr_step': 7, 'val_step': 1}
-  assert restored['seed'] == 3 and restored['meta']['vital_ops'] == {'layer2_1': 'k3e6'}
-  assert jax.tree.structure(restored['opt_state']) == jax.tree.structure(
-      example_state()['opt_state'])
+  assert jax.tree.structure(restored) == jax.tree.structure(example_arrays())
 
 
-def test_template_may_describe_json_counters_as_arrays(tmp_path):
-  """Search templates give counters as int32 structs; they were saved (and return) as JSON."""
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so(tmp_path, monkeypatch):
+  """A disk that fills up during a save: the run stops with one line naming the step a rerun
+  continues from, and that step still loads."""
+  directory = str(tmp_path / 'ckpt')
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(1, example_arrays(1.0), EXAMPLE_META)
+  ckpt.wait()
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(ckpt._manager, 'save', disk_full)  # pylint: disable=protected-access
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    ckpt.save(2, example_arrays(2.0), EXAMPLE_META)
+  message = str(error.value)
+  assert '\n' not in message and isinstance(error.value, errors.UserError)
+  assert 'step 2' in message and 'No space left on device' in message
+  assert 'checkpoint of step 1 is intact' in message
+  monkeypatch.undo()
+  ckpt.close()
+  with checkpoint.Checkpointer(directory) as again:
+    assert again.latest_step() == 1
+    restored, _ = again.restore(1, lambda meta: abstract_of(example_arrays()))
+  np.testing.assert_array_equal(restored['params']['layer']['op']['kernel'], 1.0)
+
+
+def test_a_write_that_fails_in_the_background_is_reported_at_the_next_save(tmp_path,
+                                                                           monkeypatch):
   directory = str(tmp_path / 'ckpt')
   with checkpoint.Checkpointer(directory) as ckpt:
-    ckpt.save(5, example_state())
-    template = {**abstract_of(example_state()),
-                'counters': {'step': jax.ShapeDtypeStruct((), jnp.int32)},
-                'seed': jax.ShapeDtypeStruct((), jnp.int32)}
-    restored = ckpt.restore(5, lambda other: template)
-  assert restored['counters']['step'] == 7 and restored['seed'] == 3
+    ckpt.save(4, example_arrays(), EXAMPLE_META)
+
+    def lost_permission():
+      raise PermissionError(13, 'Permission denied')
+
+    monkeypatch.setattr(ckpt._manager, 'check_for_errors', lost_permission)  # pylint: disable=protected-access
+    with pytest.raises(checkpoint.CheckpointError, match='writing the checkpoint of step 4 .* '
+                                                         'Permission denied.*no earlier'):
+      ckpt.save(6, example_arrays(), EXAMPLE_META)
+    monkeypatch.undo()
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_until_the_first_ends(tmp_path):
+  workdir = checkpoint.prepare_workdir(str(tmp_path / 'run'))
+  with checkpoint.workdir_lock(workdir):
+    with pytest.raises(checkpoint.WorkdirError) as error:
+      with checkpoint.workdir_lock(workdir):
+        pass
+    message = str(error.value)
+    assert 'in use by another run' in message and f'pid {os.getpid()}' in message
+    assert '\n' not in message
+  with checkpoint.workdir_lock(workdir):  # released when the first run ended
+    pass
+
+
+def test_the_lock_of_a_killed_run_does_not_stay(tmp_path):
+  """The lock is the process's: a run killed with SIGKILL leaves the file, not the lock."""
+  workdir = checkpoint.prepare_workdir(str(tmp_path / 'run'))
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; sys.path.insert(0, "."); '
+       'from hournas_jax import checkpoint\n'
+       f'with checkpoint.workdir_lock({workdir!r}):\n  print("locked", flush=True); '
+       'time.sleep(600)'], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(checkpoint.WorkdirError, match=f'pid {holder.pid}'):
+      with checkpoint.workdir_lock(workdir):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  assert (pathlib.Path(workdir) / checkpoint.LOCK_FILE).exists()
+  with checkpoint.workdir_lock(workdir):
+    pass
 
 
 def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tmp_path):
   directory = str(tmp_path / 'ckpt')
   with checkpoint.Checkpointer(directory) as ckpt:
-    ckpt.save(3, example_state())
+    ckpt.save(3, example_arrays(), EXAMPLE_META)
   step_dir = tmp_path / 'ckpt' / '3'
   for path in (step_dir / 'state').rglob('*'):
     if path.is_file():
@@ -192,7 +252,7 @@ def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tmp_path):
   before = sorted(str(p) for p in step_dir.rglob('*'))
   with checkpoint.Checkpointer(directory) as ckpt:
     with pytest.raises(checkpoint.CheckpointError) as error:
-      ckpt.restore(3, lambda other: abstract_of(example_state()))
+      ckpt.restore(3, lambda meta: abstract_of(example_arrays()))
   message = str(error.value)
   assert '\n' not in message and str(step_dir) in message and 'left in place' in message
   assert sorted(str(p) for p in step_dir.rglob('*')) == before
@@ -203,13 +263,10 @@ def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tmp_path):
 
 def test_search_killed_and_restarted_ends_as_uninterrupted_run(tmp_path, monkeypatch):
   args = TINY_SEARCH + ['--config.retrain_after_search=false']
-  # The uninterrupted reference runs alongside the run that gets killed (2 cores).
-  reference = start_main(args, tmp_path / 'reference', stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-  workdir = tmp_path / 'killed'
+  reference, process, workdir = start_with_reference(args, tmp_path / 'killed',
+                                                     stdout=subprocess.DEVNULL,
+                                                     stderr=subprocess.DEVNULL)
   checkpoints = workdir / 'search' / 'checkpoints'
-  process = start_main(args, workdir, slow=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
     while not finalized_steps(checkpoints) and process.poll() is None:
@@ -244,17 +301,60 @@ def test_search_killed_and_restarted_ends_as_uninterrupted_run(tmp_path, monkeyp
   with pytest.raises(checkpoint.CheckpointError) as error:
     train.train_and_evaluate(tiny_search_config(), str(workdir))
   assert str(last) in str(error.value) and '\n' not in str(error.value)
-  assert isinstance(error.value, train.user_errors())
+  assert isinstance(error.value, errors.UserError)
   assert last.is_dir() and not (workdir / 'arch.json').exists()
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_ends_as_uninterrupted(tmp_path):
+  """A preempted machine: SIGTERM stops the search after the step in flight with a checkpoint
+  of that step, one line and exit status 143, within seconds. Meanwhile a second run in the
+  same workdir is refused. The rerun continues and ends as the uninterrupted run."""
+  args = TINY_SEARCH + ['--config.retrain_after_search=false',
+                        '--config.checkpoint_every_steps=100']
+  reference, process, workdir = start_with_reference(args, tmp_path / 'preempted',
+                                                     stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE)
+  checkpoints = workdir / 'search' / 'checkpoints'
+  try:
+    deadline = time.time() + 300
+    while process.poll() is None:  # until the search steps (its progress lines) begin
+      assert time.time() < deadline, 'the search never started'
+      line = process.stdout.readline()
+      if line.startswith('[search/vital] step 1/'):
+        break
+    second = run_main(args, workdir)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1].startswith('error: workdir ')
+    assert 'in use by another run' in second.stderr
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    stopped_after = time.time() - sent
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+    _, reference_err = reference.communicate(timeout=300)
+  assert reference.returncode == 0, reference_err
+  assert process.returncode == 128 + signal.SIGTERM, err
+  assert stopped_after < 30
+  message = err.strip().splitlines()[-1]
+  assert message.startswith('error: search: stopped by signal SIGTERM at step ')
+  step = int(message.split('at step ')[1].split()[0])
+  assert 'rerun the same command' in message
+  # The cadence (100 steps) saves only the stage boundary (step 3): the last one is SIGTERM's.
+  assert finalized_steps(checkpoints)[-1] == step and set(finalized_steps(checkpoints)) <= {3, step}
+  assert not (workdir / 'arch.json').exists()
+
+  resumed = run_main(args, workdir)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'resuming from the checkpoint of step {step}' in resumed.stdout
+  expected = json.loads((tmp_path / 'reference' / 'arch.json').read_text())
+  result = json.loads((workdir / 'arch.json').read_text())
+  assert result['ops'] == expected['ops']
+  assert result['pi'] == pytest.approx(expected['pi'], abs=1e-6)
 
 
 def tiny_search_config():
   """TINY_SEARCH as a config, for in-process calls on the same workdir."""
-  config = quickstart.get_config()
-  config.space, config.width, config.ops = 'toy', 1.0, ''
-  config.targets.params, config.targets.flops = 7e3, 90e3
-  config.search.update(dict(vital_steps=3, nonvital_steps=3, batch_size=8, val_every=2))
-  config.proposal_samples, config.log_every_steps = 100, 1
-  config.checkpoint_every_steps, config.keep_checkpoints = 2, 10
-  config.retrain_after_search = False
-  return config
+  return tiny_config(keep_checkpoints=10, retrain_after_search=False)

@@ -165,7 +165,7 @@ def test_digits_resize_bilinear_and_standardize():
 
 def test_request_errors_raise_data_error_eagerly(monkeypatch):
   with pytest.raises(data.DataError, match='imagenet2012, cifar10, digits'):
-    data.make_batches('mnist', 'train', batch_size=8, image_size=16, seed=0)
+    data.make_batches('no_such_dataset', 'train', batch_size=8, image_size=16, seed=0)
   with pytest.raises(data.DataError, match='search_train'):
     data.make_batches('digits', 'test', batch_size=8, image_size=16, seed=0)
   with pytest.raises(data.DataError, match='channels'):

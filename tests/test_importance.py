@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import analysis_masking, analysis_saturation, analysis_sensitivity
-from hournas_jax import importance, population, retrain, spaces, supernet, train
+from hournas_jax import errors, importance, population, retrain, spaces, supernet, train
 from spaces_for_tests import TOY_TABLE, toy_space
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
@@ -203,7 +203,7 @@ def test_masking_reuses_the_model_of_a_workdir(masked_run, tmp_path):
 def test_bad_masking_input_is_a_reported_error(tmp_path, overrides, error, match):
   with pytest.raises(error, match=match) as raised:
     train.train_and_evaluate(toy_config(analysis_masking, **overrides), str(tmp_path))
-  assert isinstance(raised.value, train.user_errors())
+  assert isinstance(raised.value, errors.UserError)
   assert '\n' not in str(raised.value)
   assert not os.path.exists(tmp_path / 'train'), 'nothing trained for a bad request'
 
@@ -330,7 +330,7 @@ def test_saturation_mode_keeps_snapshots_and_draws_the_curves(tmp_path):
                                       3 * steps_per_epoch]
   assert summary['epochs'] == [0.0, 1.0, 2.0, 3.0]
   # The last snapshot is the trained model.
-  trainer, state, _ = retrain.load_model(config, train.resolve_setup(config, str(tmp_path)),
+  trainer, state, _ = retrain.load_model(train.resolve_setup(config, str(tmp_path)),
                                          str(run_dir))
   last = jax.tree.map(np.asarray, state['params'])
   jax.tree.map(np.testing.assert_array_equal, snapshots[-1][1], last)

@@ -10,9 +10,8 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import quickstart
-from hournas_jax import checkpoint, data, proposals, spaces, train
-from spaces_for_tests import TOY_TABLE
+from hournas_jax import checkpoint, costs, data, errors, spaces, train
+from spaces_for_tests import TOY_TABLE, tiny_config
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 TESTDATA = pathlib.Path(__file__).parent / 'testdata'
@@ -39,24 +38,6 @@ def one_error_line(result):
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith('error: ') and 'Traceback' not in result.stderr
   return lines[0]
-
-
-def tiny_config(**overrides):
-  """configs/quickstart.py on the toy space: a 3 + 3 step search, 4 training steps."""
-  config = quickstart.get_config()
-  config.space, config.width, config.ops = 'toy', 1.0, ''
-  config.targets.params, config.targets.flops = 7e3, 90e3
-  config.search.vital_steps = config.search.nonvital_steps = 3
-  config.search.batch_size = 8
-  config.search.val_every = 2
-  config.train.steps = 4
-  config.train.batch_size = 16
-  config.random_baseline = False
-  config.proposal_samples = 100
-  config.checkpoint_every_steps = 2
-  config.log_every_steps = 1
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +74,7 @@ def test_missing_dataset_is_a_reported_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'imagenet2012 is not prepared' in str(error.value)
   assert 'downloads/manual' in str(error.value) and '\n' not in str(error.value)
-  assert isinstance(error.value, train.user_errors())
+  assert isinstance(error.value, errors.UserError)
 
 
 def test_config_variants_and_overrides():
@@ -120,7 +101,7 @@ def test_config_variants_and_overrides():
 
 @pytest.mark.parametrize('overrides,error,match', [
     ({'mode': 'serch'}, train.ConfigError, 'config.mode must be one of'),
-    ({'targets.params': 1e9}, proposals.ProposalError, 'outside what space'),
+    ({'targets.params': 1e9}, costs.TargetError, 'outside what space'),
     ({'mode': 'train', 'train.arch': 'hournas_z'}, spaces.SpaceError, 'neither a preset'),
     ({'mode': 'train', 'train.arch': 'hournas_a'}, spaces.SpaceError, 'belongs to space'),
     ({'mode': 'train', 'train.arch': ''}, train.ConfigError, 'no searched architecture'),
@@ -134,7 +115,7 @@ def test_bad_input_raises_a_reported_error(tmp_path, overrides, error, match):
     if overrides.get('train.batch_size'):
       config.mode, config.train.arch = 'train', TOY_OPS
     train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert isinstance(raised.value, train.user_errors())
+  assert isinstance(raised.value, errors.UserError)
   assert '\n' not in str(raised.value)
 
 
@@ -172,18 +153,18 @@ def test_non_finite_search_loss_stops_and_keeps_the_last_good_checkpoint(tmp_pat
 
   def fake_step(self, state, tr_batch, val_batch=None):
     """Counts the step like the real one; its loss turns NaN at the third step."""
-    counters = {**state['counters']}
+    counters = {**state.counters}
     counters['step'] += 1
     counters['tr_step'] += 1
     loss = float('nan') if counters['step'] >= 3 else 2.3
-    return {**state, 'counters': counters}, {'loss': loss, 'accuracy': 0.1, 'tau': 5.0}
+    return state.replace(counters=counters), {'loss': loss, 'accuracy': 0.1, 'tau': 5.0}
 
   monkeypatch.setattr(search.Searcher, 'train_step', fake_step)
   workdir = tmp_path / 'run'
-  with pytest.raises(train.SearchError) as error:
+  with pytest.raises(search.SearchError) as error:
     train.train_and_evaluate(tiny_config(), str(workdir))
   message = str(error.value)
   assert 'non-finite at step 3' in message and 'last good checkpoint (step 2)' in message
-  assert '\n' not in message and isinstance(error.value, train.user_errors())
+  assert '\n' not in message and isinstance(error.value, errors.UserError)
   assert sorted(os.listdir(workdir / 'search' / 'checkpoints')) == ['2']
   assert not (workdir / 'arch.json').exists()

@@ -177,3 +177,30 @@ def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
   config.search.num_proposals = 4
   with pytest.raises(checkpoint.WorkdirError, match='search.num_proposals: 8 there, 4 now'):
     train.train_and_evaluate(config, str(one))
+
+
+def test_the_switch_engine_searches_the_same_on_1_and_4_devices(tmp_path):
+  """The device-resident engine (search.engine='switch'), one program per step over the mesh:
+  the 1- and 4-device searches agree, and agree with the chained engine on 1 device."""
+  args = ARGS + ['--config.retrain_after_search=false']
+  runs = {('switch', 1): run(args + ['--config.search.engine=switch'], tmp_path / 's1', 1,
+                             wait=False),
+          ('switch', 4): run(args + ['--config.search.engine=switch'], tmp_path / 's4', 4,
+                             wait=False)}
+  for process in runs.values():
+    _, err = process.communicate(timeout=400)
+    assert process.returncode == 0, err
+  run(args, tmp_path / 'chained', 1)
+  found = {key: json.loads((tmp_path / name / 'arch.json').read_text())
+           for key, name in ((('switch', 1), 's1'), (('switch', 4), 's4'),
+                             (('single_path', 1), 'chained'))}
+  assert found['switch', 1]['ops'] == found['switch', 4]['ops'] == found['single_path', 1]['ops']
+  losses = {key: scalars(tmp_path / name / 'tensorboard' / 'search')
+            for key, name in ((('switch', 1), 's1'), (('switch', 4), 's4'),
+                              (('single_path', 1), 'chained'))}
+  keys = [k for k in losses['switch', 1] if k[0] in ('search/loss', 'search/accuracy')]
+  assert len(keys) >= 4
+  for key in keys:
+    for other in (('switch', 4), ('single_path', 1)):
+      assert losses[other][key] == pytest.approx(losses['switch', 1][key], rel=1e-4,
+                                                 abs=1e-5), (other, key)

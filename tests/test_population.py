@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default as default_lib
-from hournas_jax import costs, population, ranking, spaces, train
+from hournas_jax import baseline, costs, population, ranking, spaces, train
 from spaces_for_tests import toy_space
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
@@ -143,12 +143,12 @@ def _comparison(searched, random, seed_std, seeds=2):
 
 
 def test_comparison_text_weighs_the_gap_against_the_noise():
-  clear = train.comparison_text(_comparison(0.95, [0.90, 0.91, 0.92], seed_std=0.01))
+  clear = baseline.comparison_text(_comparison(0.95, [0.90, 0.91, 0.92], seed_std=0.01))
   assert 'ranks 1 of 4' in clear and '100th percentile' in clear and '+4.00 points' in clear
   assert 'beyond the training noise' in clear  # 4 points against 0.71 for a 2-seed mean
-  noisy = train.comparison_text(_comparison(0.95, [0.90, 0.94, 0.96], seed_std=0.05))
+  noisy = baseline.comparison_text(_comparison(0.95, [0.90, 0.94, 0.96], seed_std=0.05))
   assert 'ranks 2 of 4' in noisy and 'within the training noise' in noisy
-  single = train.comparison_text(_comparison(0.95, [0.90, 0.94], seed_std=float('nan'),
+  single = baseline.comparison_text(_comparison(0.95, [0.90, 0.94], seed_std=float('nan'),
                                              seeds=1))
   assert 'config.baseline.seeds >= 2' in single
 

@@ -1,20 +1,23 @@
-"""Tests for the profile CLI (python -m hournas_jax.profile): text and JSON output, vital
+"""Tests for the profile CLI (python -m hournas_jax.tools.profile): text and JSON output, vital
 layers, every way to give an architecture, and one-line errors with exit code 2."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from hournas_jax import arch, costs, profile, spaces, vital
+from hournas_jax import arch, costs, latency, spaces, vital
+from hournas_jax.tools import profile
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'hournas_jax.profile', *args], cwd=REPO_ROOT,
+  return subprocess.run([sys.executable, '-m', 'hournas_jax.tools.profile', *args], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=60)
 
 
@@ -184,3 +187,33 @@ def test_profile_function():
   assert profile.profile(space, None) == {'space': 'fbnet', 'resolution': 32,
                                           'num_classes': 10,
                                           'vital': list(vital.vital_layers(space))}
+
+
+class _ConstantRuntime(latency.Runtime):
+  """Stands in for the measurements: each block 'takes' 0.001 ms per 1,000 input values."""
+
+  def samples(self, apply_fn, variables, shape, seed=0):
+    return np.full(5, 1e-6 * float(np.prod(shape)))
+
+
+def test_a_latency_table_adds_each_layers_latency_and_the_prediction(tmp_path, capsys):
+  space = spaces.get_space('fbnet_shallow', 32, 10, 0.25, ops=('k3e1', 'k3e6', 'skip'))
+  path = tmp_path / 'table.json'
+  protocol = latency.Protocol(runtime='xla_cpu', threads=1, warmup=0, repeats=5)
+  measured = latency.build_table(space, protocol, str(path), runtime=_ConstantRuntime(protocol),
+                                 log=open(os.devnull, 'w'))
+  ops = ['k3e6' if i % 2 else 'k3e1' for i in range(len(space.searchable_names))]
+  argv = ['--space', 'fbnet_shallow', '--resolution', '32', '--classes', '10', '--width', '0.25',
+          '--ops', 'k3e1,k3e6,skip', '--arch', ','.join(ops), '--latency-table', str(path)]
+  assert profile.main(argv + ['--json']) == 0
+  result = json.loads(capsys.readouterr().out)
+  for row in result['layers']:
+    assert row['latency_ms'] == measured['latency_ms'][row['layer']][row['op']]
+  table = latency.latency_tables(str(path), space)
+  assert result['latency_ms'] == pytest.approx(latency.predict_ms(table, ops))
+  assert profile.main(argv) == 0
+  assert f'predicted latency: {result["latency_ms"]:.4f} ms (xla_cpu' in capsys.readouterr().out
+  # A table of another input (1 channel asked for) is one error line.
+  assert profile.main(argv + ['--channels', '1']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'another space' in err[0]

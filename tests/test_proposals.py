@@ -1,4 +1,4 @@
-"""Tests for hournas_jax.proposals: Eqn 4-5 costs and loss, proposal optimisation, two-level
+"""Tests for hournas_jax.proposals and its tool (tools/proposals.py): Eqn 4-5 costs and loss, proposal optimisation, two-level
 sampling, restricted tables and the CLI."""
 
 import json
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from hournas_jax import costs, proposals, sampling, spaces
-from hournas_jax.proposals import ProposalError
+from hournas_jax.costs import TargetError
+from hournas_jax.tools import proposals as proposals_tool
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 BOTH = np.array([True, True])
@@ -59,7 +60,7 @@ def test_resource_cost_matches_cost_tables(small, fbnet):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # The float64 evaluation helper is exact.
     np.testing.assert_array_equal(
-        proposals.architecture_costs(indices, table.stacked(), offset), want)
+        costs.architecture_costs(indices, table.stacked(), offset), want)
 
 
 def test_resource_loss_is_eqn5_over_active_resources():
@@ -82,7 +83,7 @@ def test_resource_loss_gradient_flows_through_straight_through(small):
   tables = jnp.asarray(table.stacked(), jnp.float32)
   offset = jnp.array([table.fixed_params, table.fixed_flops], jnp.float32)
   targets = jnp.asarray(mid_targets(space, table), jnp.float32)
-  maxima = jnp.asarray(proposals.space_maxima(table.stacked(), table.mask, offset))
+  maxima = jnp.asarray(costs.space_maxima(table.stacked(), table.mask, offset))
 
   def loss(theta, active):
     _, a = sampling.gumbel_max(jax.random.PRNGKey(1), theta, 2.0, mask)
@@ -112,9 +113,9 @@ def test_straight_through_is_sampling_gumbel_max_given_its_noise():
 def test_optimized_proposals_meet_targets(small):
   # m = 8 and 10,000 samples on a 22 x 9 space: the same compiled programs as the FBNet bar.
   space, table = small
-  free, tables, mask, offset = proposals.restrict_tables(table)
+  free, tables, mask, offset = costs.restrict_tables(table)
   targets = mid_targets(space, table)
-  maxima = proposals.space_maxima(tables, mask, offset)
+  maxima = costs.space_maxima(tables, mask, offset)
   thetas, tau = proposals.optimize_proposals(jax.random.PRNGKey(0), tables, mask, offset,
                                              targets, maxima, BOTH, num_proposals=8)
   assert thetas.shape == (8,) + mask.shape
@@ -123,7 +124,7 @@ def test_optimized_proposals_meet_targets(small):
   indices = np.asarray(proposals.sample_architectures(
       jax.random.PRNGKey(1), thetas, jnp.zeros(8), tau, jnp.asarray(mask), 10000))
   assert np.all(mask[np.arange(len(free)), indices])  # only allowed ops
-  hits = proposals.within_targets(proposals.architecture_costs(indices, tables, offset),
+  hits = proposals.within_targets(costs.architecture_costs(indices, tables, offset),
                                   targets, BOTH)
   assert hits.mean() >= 0.9
   # Expected costs at the final tau sit on the targets too.
@@ -138,23 +139,23 @@ def test_single_target_and_restricted_space(small):
   space, table = small
   fixed = {i: space.op_names.index('k5e6') for i, n in enumerate(space.searchable_names)
            if n.endswith('_1')}
-  free, tables, mask, offset = proposals.restrict_tables(table, fixed)
-  low, high = proposals.reachable_range(tables, mask, offset)
+  free, tables, mask, offset = costs.restrict_tables(table, fixed)
+  low, high = costs.reachable_range(tables, mask, offset)
   targets = np.array([0.0, (low[1] + high[1]) / 2])
   active = np.array([False, True])
   thetas, tau = proposals.optimize_proposals(
       jax.random.PRNGKey(3), tables, mask, offset, targets,
-      proposals.space_maxima(tables, mask, offset), active, num_proposals=8)
+      costs.space_maxima(tables, mask, offset), active, num_proposals=8)
   indices = proposals.sample_architectures(jax.random.PRNGKey(1), thetas, jnp.zeros(8), tau,
                                            jnp.asarray(mask), 10000)
-  c = proposals.architecture_costs(indices, tables, offset)
+  c = costs.architecture_costs(indices, tables, offset)
   assert proposals.within_targets(c, targets, active).mean() >= 0.9
 
 
 def test_fbnet_bar(fbnet):
   """The real bar: m = 8, FBNet at 224/1000, 4.8M params and 300M FLOPs."""
   space, table = fbnet
-  summary = proposals.run(space, (4.8e6, 300e6), num_proposals=8, seed=0, samples=10000)
+  summary = proposals_tool.run(space, (4.8e6, 300e6), num_proposals=8, seed=0, samples=10000)
   assert summary['within_5pct'] >= 0.9
   assert summary['seconds'] < 20  # the 5 s bar is measured by benchmarks/proposals.py
   # Proposals stay diverse: their most probable architectures differ in many layers.
@@ -169,51 +170,50 @@ def test_fbnet_bar(fbnet):
 
 def test_unreachable_targets_raise_with_the_range(fbnet):
   space, table = fbnet
-  free, tables, mask, offset = proposals.restrict_tables(table)
-  with pytest.raises(ProposalError, match=r'FLOPs target 10\.0M is outside what space fbnet '
+  free, tables, mask, offset = costs.restrict_tables(table)
+  with pytest.raises(TargetError, match=r'FLOPs target 10\.0M is outside what space fbnet '
                                           r'can reach: 51\.8M to 572\.6M'):
-    proposals.check_targets(tables, mask, offset, [4.8e6, 10e6], BOTH, 'fbnet')
-  with pytest.raises(ProposalError, match=r'params target 9\.0M .* 2\.8M to 5\.8M'):
-    proposals.check_targets(tables, mask, offset, [9e6, 300e6], BOTH, 'fbnet')
-  with pytest.raises(ProposalError, match='positive'):
-    proposals.check_targets(tables, mask, offset, [-1.0, 300e6], BOTH, 'fbnet')
+    costs.check_targets(tables, mask, offset, [4.8e6, 10e6], BOTH, 'fbnet')
+  with pytest.raises(TargetError, match=r'params target 9\.0M .* 2\.8M to 5\.8M'):
+    costs.check_targets(tables, mask, offset, [9e6, 300e6], BOTH, 'fbnet')
+  with pytest.raises(TargetError, match='positive'):
+    costs.check_targets(tables, mask, offset, [-1.0, 300e6], BOTH, 'fbnet')
   # An inactive target is not checked; the extremes themselves are reachable.
-  proposals.check_targets(tables, mask, offset, [0.0, 300e6], [False, True], 'fbnet')
-  low, high = proposals.reachable_range(tables, mask, offset)
-  assert (tuple(low), tuple(high)) == tuple(zip(*table.bounds()))
-  proposals.check_targets(tables, mask, offset, high, BOTH, 'fbnet')
+  costs.check_targets(tables, mask, offset, [0.0, 300e6], [False, True], 'fbnet')
+  low, high = costs.reachable_range(tables, mask, offset)
+  costs.check_targets(tables, mask, offset, high, BOTH, 'fbnet')
   # Fixing layers shrinks the range: all-k5e6 vital layers raise the minimum.
   fixed = {i: space.op_names.index('k5e6') for i, n in enumerate(space.searchable_names)
            if n.endswith('_1')}
-  _, t2, m2, o2 = proposals.restrict_tables(table, fixed)
-  low2, _ = proposals.reachable_range(t2, m2, o2)
+  _, t2, m2, o2 = costs.restrict_tables(table, fixed)
+  low2, _ = costs.reachable_range(t2, m2, o2)
   assert np.all(low2 > low)
-  with pytest.raises(ProposalError, match='outside'):
-    proposals.check_targets(t2, m2, o2, [low[0] * 1.01, 300e6], BOTH, 'fbnet')
+  with pytest.raises(TargetError, match='outside'):
+    costs.check_targets(t2, m2, o2, [low[0] * 1.01, 300e6], BOTH, 'fbnet')
 
 
 def test_restrict_tables_folds_fixed_layers_into_offset(fbnet):
   space, table = fbnet
   fixed = {0: space.op_names.index('k3e1'), 5: space.op_names.index('k5e6'),
            21: space.op_names.index('k3g2')}
-  free, tables, mask, offset = proposals.restrict_tables(table, fixed)
+  free, tables, mask, offset = costs.restrict_tables(table, fixed)
   assert list(free) == [l for l in range(22) if l not in fixed]
   assert tables.shape == (2, 19, 9) and mask.shape == (19, 9)
   indices = random_architectures(2, table, 32)
   indices[:, list(fixed)] = list(fixed.values())
-  restricted = proposals.architecture_costs(indices[:, free], tables, offset)
+  restricted = costs.architecture_costs(indices[:, free], tables, offset)
   np.testing.assert_array_equal(restricted, [table.cost(i) for i in indices])
-  np.testing.assert_array_equal(proposals.full_indices(free, fixed, indices[:, free]), indices)
+  np.testing.assert_array_equal(costs.full_indices(free, fixed, indices[:, free]), indices)
   # Without fixed layers it is the whole space.
-  free0, tables0, mask0, offset0 = proposals.restrict_tables(table)
+  free0, tables0, mask0, offset0 = costs.restrict_tables(table)
   assert list(free0) == list(range(22))
   np.testing.assert_array_equal(tables0, table.stacked())
   np.testing.assert_array_equal(offset0, [table.fixed_params, table.fixed_flops])
   # skip cannot be fixed where a layer changes shape.
-  with pytest.raises(ProposalError, match='layer2_1'):
-    proposals.restrict_tables(table, {1: space.op_names.index('skip')})
-  with pytest.raises(ProposalError):
-    proposals.restrict_tables(table, {22: 0})
+  with pytest.raises(TargetError, match='layer2_1'):
+    costs.restrict_tables(table, {1: space.op_names.index('skip')})
+  with pytest.raises(TargetError):
+    costs.restrict_tables(table, {22: 0})
 
 
 def test_sample_architectures_follows_pi():
@@ -279,14 +279,14 @@ def test_main_bad_input_exits_2_with_one_line(capsys):
   ]
   for argv in bad:
     try:
-      code = proposals.main(argv)
+      code = proposals_tool.main(argv)
     except SystemExit as e:  # argparse's own errors
       code = e.code
     err = capsys.readouterr().err
     assert code == 2, (argv, err)
     assert len(err.strip().splitlines()) == 1, (argv, err)
     assert 'Traceback' not in err
-  proposals.main(['--flops', '10e6'])
+  proposals_tool.main(['--flops', '10e6'])
   assert '51.8M to 572.6M' in capsys.readouterr().err
 
 
@@ -298,7 +298,7 @@ def test_main_json_and_plot(small, tmp_path, capsys):
   arch = ['k5e6' if n in vital else 'k3e3' for n in space.searchable_names]
   params, flops = table.cost([space.op_names.index(op) for op in arch])
   plot = tmp_path / 'figure3.png'
-  code = proposals.main(['--space', 'fbnet', '--resolution', '32', '--width', '0.25',
+  code = proposals_tool.main(['--space', 'fbnet', '--resolution', '32', '--width', '0.25',
                          '--params', str(params), '--flops', str(flops), '--json',
                          '--fix', ','.join(f'{n}=k5e6' for n in vital), '--plot', str(plot)])
   assert code == 0
@@ -314,7 +314,7 @@ def test_main_json_and_plot(small, tmp_path, capsys):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'hournas_jax.proposals', *args],
+  return subprocess.run([sys.executable, '-m', 'hournas_jax.tools.proposals', *args],
                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
 
 
@@ -342,11 +342,11 @@ def test_cli_bad_input_subprocess():
 def test_long_runs_draw_noise_inside_the_loop(small, monkeypatch):
   """Past _MAX_PRECOMPUTED_NOISE the loop draws its own noise; results stay sound."""
   space, table = small
-  free, tables, mask, offset = proposals.restrict_tables(table)
+  free, tables, mask, offset = costs.restrict_tables(table)
   monkeypatch.setattr(proposals, '_MAX_PRECOMPUTED_NOISE', 0)
   thetas, tau, losses = proposals.optimize_proposals(
       jax.random.PRNGKey(0), tables, mask, offset, mid_targets(space, table),
-      proposals.space_maxima(tables, mask, offset), BOTH, num_proposals=2, iterations=40,
+      costs.space_maxima(tables, mask, offset), BOTH, num_proposals=2, iterations=40,
       return_losses=True)
   assert thetas.shape == (2,) + mask.shape and np.all(np.isfinite(thetas))
   assert losses.shape == (40,) and float(losses[-10:].mean()) < float(losses[:10].mean())

@@ -12,7 +12,7 @@ import pytest
 
 from configs import default, quickstart
 from hournas_jax import arch as arch_lib
-from hournas_jax import costs, population, retrain, spaces, train
+from hournas_jax import baseline, costs, errors, population, retrain, spaces, train
 from spaces_for_tests import TOY_TABLE
 
 OPS = 'k3e1,k3e3,k3e1,k3e3,k3e1'  # an architecture of tests/spaces_for_tests.py's toy space
@@ -92,13 +92,13 @@ def test_baseline_budget_is_the_targets_set_or_the_architecture_own_cost():
   space = spaces.get_space('fbnet', resolution=224)
   ops = arch_lib.preset('hournas_a').ops
   targets = ml_collections.ConfigDict({'params': 4.8e6, 'flops': 300e6})
-  assert train.baseline_budget(space, targets, ops) == {'params': 4.8e6, 'flops': 300e6}
+  assert baseline.baseline_budget(space, targets, ops) == {'params': 4.8e6, 'flops': 300e6}
   only_flops = ml_collections.ConfigDict({'params': 0.0, 'flops': 300e6})
-  assert train.baseline_budget(space, only_flops, ops) == {'flops': 300e6}
+  assert baseline.baseline_budget(space, only_flops, ops) == {'flops': 300e6}
   # Without targets the budget is the given architecture's own cost, and random architectures
   # drawn for it lie within 5% of that cost.
   no_targets = ml_collections.ConfigDict({'params': 0.0, 'flops': 0.0})
-  own = train.baseline_budget(space, no_targets, ops)
+  own = baseline.baseline_budget(space, no_targets, ops)
   tables = costs.cost_tables(space)
   assert own == dict(zip(('params', 'flops'), map(float, tables.cost(
       arch_lib.Architecture('fbnet', ops).indices(space)))))
@@ -184,6 +184,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     train.train_and_evaluate(digits_config(), str(workdir))
   message = str(error.value)
   assert 'non-finite by step 3' in message and 'last good checkpoint (step 2)' in message
-  assert '\n' not in message and isinstance(error.value, train.user_errors())
+  assert '\n' not in message and isinstance(error.value, errors.UserError)
   assert sorted(os.listdir(workdir / 'train' / 'checkpoints')) == ['2']
   assert not (workdir / 'train' / 'results.json').exists()
+
+
+def test_bfloat16_retraining_keeps_float32_weights_and_learns(tmp_path, toy_space):
+  """train.precision='bfloat16': the same recipe in mixed precision trains, saves float32
+  weights, and evaluates to what the saved model evaluates to; a precision that does not
+  exist is one config error."""
+  config = digits_config(precision='bfloat16')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))['train']
+  assert 0.0 <= results['top1'] <= 1.0 and np.isfinite(results['loss'])
+  setup = train.resolve_setup(config, str(tmp_path / 'run'))
+  trainer, state, meta = retrain.load_model(setup, str(tmp_path / 'run' / 'train'))
+  assert meta['train']['precision'] == 'bfloat16' and trainer.net.dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype(jnp.float32)}
+  evaluated = trainer.evaluate(state, retrain.eval_batches(setup, 120))
+  assert evaluated['top1'] == pytest.approx(results['top1'])
+  config.train.precision = 'float16'
+  with pytest.raises(train.ConfigError, match="train.precision must be one of float32, "
+                                              "bfloat16, got 'float16'"):
+    train.train_and_evaluate(config, str(tmp_path / 'other'))

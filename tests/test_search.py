@@ -1,6 +1,7 @@
 """The HourNAS search on a tiny space, fed arrays directly."""
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hournas_jax import (analysis, arch as arch_lib, costs, proposals, sampling, search,
-                         singlepath, spaces, supernet, vital, wholenet)
+from hournas_jax import (analysis, arch as arch_lib, checkpoint, costs, engines, proposals,
+                         sampling, search, singlepath, spaces, stages, supernet, vital, wholenet)
+from hournas_jax.tools import proposals as proposals_tool
 from spaces_for_tests import toy_space
 
 RES = 16
@@ -44,44 +46,60 @@ def _data(n=16, seed=0, res=RES):
 
 def _record_paths(searcher, paths):
   """Wraps the engines' steps to record the sampled paths (layer -> op)."""
-  original = searcher.engine
+  original = searcher.make_engine
 
-  def engine(meta):
-    eng = original(meta)
+  def make_engine(layer_ops):
+    eng = original(layer_ops)
     if not getattr(eng, '_recording', False):
       step, grads = eng.train_step, eng.arch_grads
-      eng.train_step = lambda st, x, y, path, lr: (paths.append(dict(path)), step(st, x, y, path,
-                                                                                    lr))[1]
-      eng.arch_grads = lambda st, x, y, path: (paths.append(dict(path)), grads(st, x, y, path))[1]
+      eng.train_step = lambda w, batch, choice, lr: (
+          paths.append(choice.path(searcher.space)), step(w, batch, choice, lr))[1]
+      eng.arch_grads = lambda w, batch, choice: (
+          paths.append(choice.path(searcher.space)), grads(w, batch, choice))[1]
       eng._recording = True
     return eng
-  searcher.engine = engine
+  searcher.make_engine = make_engine
+
+
+class _StubEngine:
+  """Stands in for a stage's networks (the engine interface of `engines.py`), so that a test of
+  the schedule or of the architecture update compiles none: weight steps leave the weights as
+  they are, architecture steps return grad_a(A) (zeros by default) as d cross-entropy / d A, A
+  the sampled one-hot [L, O], and forward-only steps ('reinforce') loss(idx) (1 by default) as
+  the D_val loss of the sampled op indices [L]."""
+
+  runs = 'path'
+
+  def __init__(self, engine, grad_a, loss):
+    self.engine, self.grad_a, self.loss = engine, grad_a, loss
+
+  def __getattr__(self, name):  # init, state_shapes, net, chain: the real engine's
+    return getattr(self.engine, name)
+
+  def train_step(self, weights, batch, choice, lr):
+    return weights, {'loss': 1.0, 'accuracy': 0.0}
+
+  def arch_grads(self, weights, batch, choice):
+    g = jnp.zeros(choice.a.shape) if self.grad_a is None else self.grad_a(choice.a)
+    return weights, {'loss': 1.0, 'accuracy': 0.0}, g
+
+  def path_loss(self, weights, batch, choice):
+    loss = 1.0 if self.loss is None else self.loss(np.asarray(choice.idx))
+    return weights, {'loss': loss, 'accuracy': 0.0}
 
 
 def _stub_networks(searcher, grad_a=None, loss=None):
-  """Stands in for the networks, so that a test of the schedule or of the architecture update
-  compiles none: weight steps leave the weights as they are, and architecture steps return
-  grad_a(A) (zeros by default) as d cross-entropy / d A, A the sampled one-hot [L, O], or with
-  'reinforce' loss(idx) (1 by default) as the D_val loss of the sampled op indices [L]."""
-  def weight_step(engine, weights, batch, layers, idx, a, lr):
-    return weights, {'loss': 1.0, 'accuracy': 0.0}
-
-  def arch_grads(engine, weights, batch, layers, idx, a):
-    g = jnp.zeros(a.shape) if grad_a is None else grad_a(a)
-    return weights, {'loss': 1.0, 'accuracy': 0.0}, g
-
-  def val_loss(engine, weights, batch, layers, idx):
-    return weights, {'loss': 1.0 if loss is None else loss(np.asarray(idx)), 'accuracy': 0.0}
-  searcher._weight_step = weight_step
-  searcher._arch_grads = arch_grads
-  searcher._val_loss = val_loss
+  """Makes every stage of `searcher` train with a `_StubEngine` (see there)."""
+  original = searcher.make_engine
+  searcher.make_engine = lambda layer_ops: _StubEngine(original(layer_ops), grad_a, loss)
+  searcher._stages.clear()  # stages built before hold the real engine
 
 
 def _run(searcher, state, steps=None, res=RES):
   """Runs to the end of the search (or `steps` iterations), giving the batches it asks for."""
   metrics = []
-  while searcher.stage(state) != 'done' and (steps is None or len(metrics) < steps):
-    i = int(state['counters']['step'])
+  while state.stage != 'done' and (steps is None or len(metrics) < steps):
+    i = int(state.counters['step'])
     needs_tr, needs_val = searcher.batches_needed(state)
     tr = _data(seed=i, res=res) if needs_tr else None
     val = _data(seed=1000 + i, res=res) if needs_val else None
@@ -91,7 +109,7 @@ def _run(searcher, state, steps=None, res=RES):
 
 
 def _set_arch(searcher, state, arch):
-  return {**state, 'arch': arch, 'arch_opt': searcher._arch_tx.init(arch)}
+  return state.replace(arch=arch, arch_opt=searcher.arch_tx.init(arch))
 
 
 def _one_hot_ops(space, op, scale, m=None):
@@ -110,9 +128,9 @@ def test_two_stage_search_end_to_end():
   paths = []
   _record_paths(s, paths)
   state = s.init(0)
-  assert s.stage(state) == 'vital'
+  assert state.stage == 'vital'
   # S_vital holds the vital SuperBlocks only.
-  chain = [l.name for l, _ in s.engine(state['meta']).chain]
+  chain = [l.name for l, _ in s.stage_of(state).engine.chain]
   assert chain == ['stem', *VITAL, 'head']
   state, metrics = _run(s, state)
   assert [m['stage'] for m in metrics] == ['vital'] * 4 + ['nonvital'] * 4
@@ -121,9 +139,9 @@ def test_two_stage_search_end_to_end():
   nonvital = [n for n in SPACE.searchable_names if n not in VITAL]
   assert all(set(p) == set(nonvital) for p in stage2)
   # Stage 2 runs the vital ops fixed by stage 1.
-  vital_ops = state['meta']['vital_ops']
+  vital_ops = state.vital_ops
   assert set(vital_ops) == set(VITAL)
-  stage2_net = s.engine(state['meta']).net
+  stage2_net = s.stage_of(state).engine.net
   for layer, ops in zip(SPACE.layers, stage2_net.ops):
     if layer.name in vital_ops:
       assert ops == (vital_ops[layer.name],)
@@ -164,7 +182,7 @@ def test_proposals_meet_the_targets_and_so_does_the_found_architecture(temperatu
                                      arch_lr=0.05, temperature=temperature),
                       targets, (32, 32, 3), 0, 10)
   state = s.init(0)
-  assert s.stage(state) == 'nonvital'
+  assert state.stage == 'nonvital'
   # At tau0 = 5: 'logits' rescaled the proposals to it, 'relaxed' samples at tau = 1 anyway.
   sampled_params, sampled_flops = s.proposal_samples(state, 4000)
   within = ((np.abs(sampled_params - targets.params) <= 0.05 * targets.params)
@@ -190,7 +208,7 @@ def test_both_temperatures_start_stage_two_on_the_fitted_distribution():
                         _targets(), (RES, RES, 3), 0, 1)
     state = s.init(0)
     start.append(np.asarray(sampling.probabilities(
-        state['arch']['thetas'], s.tau(state), jnp.asarray(SPACE.op_mask()), temperature)))
+        state.arch['thetas'], s.tau(state), jnp.asarray(SPACE.op_mask()), temperature)))
   np.testing.assert_allclose(start[0], start[1], rtol=1e-4, atol=1e-6)
   assert start[0].max() > 0.5  # a fitted proposal, not the uniform distribution
 
@@ -247,8 +265,9 @@ def test_summary_flags_a_result_more_than_5_percent_off_its_targets():
 
 
 def test_impossible_targets_are_refused_up_front():
-  low, high = costs.cost_tables(SPACE).bounds()[1]
-  with pytest.raises(proposals.ProposalError, match='reach'):
+  _, tables, mask, offset = costs.restrict_tables(costs.cost_tables(SPACE))
+  high = costs.reachable_range(tables, mask, offset)[1][1]
+  with pytest.raises(costs.TargetError, match='reach'):
     search.Searcher(SPACE, _config(), ml_collections.ConfigDict({'params': 0.0,
                                                                  'flops': 2.0 * high}),
                     (RES, RES, 3), 1, 1)
@@ -275,17 +294,17 @@ def test_vital_stage_finds_the_clearly_better_op():
   s = search.Searcher(SPACE, _config(weight_lr=0.0, arch_lr=0.05, val_every=1), _targets(),
                       (RES, RES, 3), vital_steps=30, nonvital_steps=1)
   state = s.init(0)
-  engine = s.engine(state['meta'])
+  engine = s.stage_of(state).engine
   good = {n: 'k3e3' for n in VITAL}
-  weights = state['weights']
+  weights = state.weights
   for i in range(40):
     batch = _data(32, seed=i)
-    weights, m = engine.train_step(weights, batch['image'], batch['label'], good, 0.1)
+    weights, m = engine.train_path(weights, batch['image'], batch['label'], good, 0.1)
   assert m['loss'] < 1.0  # the k3e3 path has learnt the task
-  state = {**state, 'weights': weights}
-  while s.stage(state) == 'vital':
+  state = state.replace(weights=weights)
+  while state.stage == 'vital':
     state, _ = s.train_step(state, _data(32, seed=500), _data(32, seed=600))
-  assert state['meta']['vital_ops'] == good
+  assert state.vital_ops == good
 
 
 def test_vital_choice_keeps_the_targets_reachable(capsys):
@@ -304,8 +323,8 @@ def test_vital_choice_keeps_the_targets_reachable(capsys):
   assert VITAL == ('layer2_1', 'layer3_1')
   assert table.fixed_params + table.params[rows, k3e3].sum() > targets.params  # out of reach
   state, _ = s.train_step(state, _data(), _data(seed=1))  # the vital stage's only step
-  assert state['meta']['vital_ops'] == {'layer2_1': 'k3e3', 'layer3_1': 'k3e1'}
-  assert s.stage(state) == 'nonvital'
+  assert state.vital_ops == {'layer2_1': 'k3e3', 'layer3_1': 'k3e1'}
+  assert state.stage == 'nonvital'
   assert 'would leave the targets out of reach' in capsys.readouterr().out
 
 
@@ -331,7 +350,7 @@ def test_best_reachable_choice_is_the_exact_optimum():
         best, best_score = tuple(int(o) for o in choice), score
     found += best is not None
     for chunk in (1, 7, 2 ** 20):  # all in the loop, mixed, all vectorised
-      assert search.best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
+      assert stages.best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
                                           chunk) == best
   assert 0 < found < 12  # both outcomes were exercised
 
@@ -344,8 +363,8 @@ def test_layers_with_a_single_candidate_get_no_architecture_gradient():
   s = search.Searcher(space, _config(val_every=1, num_proposals=2), targets, (RES, RES, 3), 2, 2)
   state, metrics = _run(s, s.init(0))
   assert [m['batches'] for m in metrics] == [(True, True)] * 4
-  assert state['meta']['vital_ops'] == {n: 'k3e1' for n in VITAL}
-  assert state['meta']['theta_vital'] == [[0.0, 0.0], [0.0, 0.0]]
+  assert state.vital_ops == {n: 'k3e1' for n in VITAL}
+  assert state.theta_vital == [[0.0, 0.0], [0.0, 0.0]]
 
 
 def test_efficientnet_layer1_1_stays_at_the_supernets_k3e1se():
@@ -359,22 +378,22 @@ def test_efficientnet_layer1_1_stays_at_the_supernets_k3e1se():
   s = search.Searcher(space, _config(num_proposals=2, val_every=1), targets, (32, 32, 3), 1, 1)
   assert 'layer1_1' not in s.vital_names and len(s.vital_names) == 6
   state = s.init(0)
-  ops = dict(zip((l.name for l in space.layers), s.engine(state['meta']).net.ops))
+  ops = dict(zip((l.name for l in space.layers), s.stage_of(state).engine.net.ops))
   assert ops['layer1_1'] == ('k3e1se',)
-  assert state['arch']['theta'].shape == (6, len(space.op_names))
+  assert state.arch['theta'].shape == (6, len(space.op_names))
   _stub_networks(s)
   state, _ = _run(s, state, steps=1, res=32)
-  assert s.stage(state) == 'nonvital'
-  assert 'layer1_1' not in s.choice_layers(state['meta'])
-  assert state['arch']['thetas'].shape[1] == len(space.searchable_names) - 7
-  ops = dict(zip((l.name for l in space.layers), s.engine(state['meta']).net.ops))
+  assert state.stage == 'nonvital'
+  assert 'layer1_1' not in s.stage_of(state).layers
+  assert state.arch['thetas'].shape[1] == len(space.searchable_names) - 7
+  ops = dict(zip((l.name for l in space.layers), s.stage_of(state).engine.net.ops))
   assert ops['layer1_1'] == ('k3e1se',)
   result = s.result(state)
   assert result['ops']['layer1_1'] == 'k3e1se' and result['fixed_ops'] == {'layer1_1': 'k3e1se'}
   assert 'layer1_1' not in result['vital_ops']
   # The report maps theta_vital's rows to the searched vital layers, and marks layer1_1 fixed.
   probabilities = analysis.layer_probabilities(space, result)
-  assert set(probabilities) == set(s.vital_names) | set(s.choice_layers(state['meta']))
+  assert set(probabilities) == set(s.vital_names) | set(s.stage_of(state).layers)
   row = next(l for l in analysis.summary_text(space, result).splitlines()
              if l.startswith('layer1_1 '))
   assert row.split()[1] == 'k3e1se' and row.endswith('fixed')
@@ -387,7 +406,7 @@ def test_efficientnet_layer1_1_stays_at_the_supernets_k3e1se():
   light = table.cost([space.op_names.index('k3e1se')] + [space.op_names.index('k5e6se')] * 21)
   assert heavy[1] > light[1]
   # The proposals CLI fixes it as the search does.
-  summary = proposals.run(space, (targets.params, targets.flops), num_proposals=2, samples=100)
+  summary = proposals_tool.run(space, (targets.params, targets.flops), num_proposals=2, samples=100)
   assert summary['fixed'] == {'layer1_1': 'k3e1se'}
 
 
@@ -402,14 +421,14 @@ def test_stage_one_weights_of_the_vital_ops_carry_into_stage_two():
   advance = s._advance
 
   def recording_advance(st):
-    seen['weights'] = st['weights']
+    seen['weights'] = st.weights
     return advance(st)
   s._advance = recording_advance
-  while s.stage(state) == 'vital':
+  while state.stage == 'vital':
     state, _ = _run(s, state, steps=1)
-  before, after = seen['weights'], state['weights']
-  fresh = s.engine(state['meta']).init(state['seed'] + 1, (RES, RES, 3))  # stage 2's own init
-  for layer, op in state['meta']['vital_ops'].items():
+  before, after = seen['weights'], state.weights
+  fresh = s.stage_of(state).engine.init(state.seed + 1, (RES, RES, 3))  # stage 2's own init
+  for layer, op in state.vital_ops.items():
     for part in ('params', 'batch_stats', 'opt_state'):
       for x, y in zip(jax.tree.leaves(before[part][layer][op]),
                       jax.tree.leaves(after[part][layer][op])):
@@ -444,7 +463,7 @@ def test_pi_prefers_the_proposal_whose_architectures_are_clearly_better():
   thetas = jnp.stack([_one_hot_ops(SPACE, 'k3e3', 10.0), _one_hot_ops(SPACE, 'k3e1', 10.0)])
   state = _set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)})
   state, _ = _run(s, state)
-  pi = np.asarray(jax.nn.softmax(state['arch']['pi']))
+  pi = np.asarray(jax.nn.softmax(state.arch['pi']))
   assert pi[0] > 0.75, pi
   assert s.result(state)['proposal'] == 0
 
@@ -456,9 +475,9 @@ def test_gumbel_softmax_stage_two_moves_pi():
                                      num_proposals=2, val_every=1, arch_lr=0.05, alpha=0.0),
                       _targets(), (RES, RES, 3), 0, 3)
   state = s.init(0)
-  assert np.all(np.asarray(state['arch']['pi']) == 0)
+  assert np.all(np.asarray(state.arch['pi']) == 0)
   state, _ = _run(s, state)
-  assert np.max(np.abs(np.asarray(state['arch']['pi']))) > 0.01
+  assert np.max(np.abs(np.asarray(state.arch['pi']))) > 0.01
 
 
 def test_resource_term_pulls_theta_toward_the_targets():
@@ -472,13 +491,13 @@ def test_resource_term_pulls_theta_toward_the_targets():
   _stub_networks(s)
   state = _set_arch(s, state, {'thetas': _one_hot_ops(SPACE, 'k3e3', 2.0, m=2),
                                'pi': jnp.zeros(2)})
-  _, tables, mask, offset = proposals.restrict_tables(s.tables)
+  _, tables, mask, offset = costs.restrict_tables(s.tables)
   t = np.array([targets.params, targets.flops])
 
   def gap(state):
-    expected = np.asarray(proposals.expected_cost(state['arch']['thetas'], tables, offset, 1.0,
+    expected = np.asarray(proposals.expected_cost(state.arch['thetas'], tables, offset, 1.0,
                                                   mask))
-    mean = np.asarray(jax.nn.softmax(state['arch']['pi'])) @ expected
+    mean = np.asarray(jax.nn.softmax(state.arch['pi'])) @ expected
     return np.abs(mean - t) / t
 
   before = gap(state)
@@ -497,7 +516,7 @@ def test_interleaved_schedule_takes_a_val_batch_every_fourth_step_by_default():
   _stub_networks(s)
   state, metrics = _run(s, state)
   assert [m['batches'] for m in metrics] == [(True, (i + 1) % 4 == 0) for i in range(16)]
-  assert state['counters'] == {'step': 16, 'tr_step': 16, 'val_step': 4, 'stage_step': 0}
+  assert state.counters == {'step': 16, 'tr_step': 16, 'val_step': 4, 'stage_step': 0}
   assert s.total_steps == 16
 
 
@@ -516,24 +535,23 @@ def test_epoch_schedule_is_algorithm_1_and_resumes_exactly():
   expected = [W] * 5 + [A] * 2 + [W] + [A] + ([W] * 5 + [A] * 2) * 2
   assert [m['batches'] for m in metrics] == expected and s.total_steps == len(expected)
   assert [m['stage'] for m in metrics] == ['vital'] * 9 + ['nonvital'] * 14
-  assert state['counters'] == {'step': 23, 'tr_step': 16, 'val_step': 7, 'stage_step': 0}
+  assert state.counters == {'step': 23, 'tr_step': 16, 'val_step': 7, 'stage_step': 0}
   np.testing.assert_allclose([m['tau'] for m in metrics], 5.0 * 0.9999 ** np.arange(23))
   # The weights' cosine schedule runs over a stage's weight steps, not its iterations.
   lrs = [m['lr'] for m in metrics[:9] if 'lr' in m]
   np.testing.assert_allclose(lrs, 0.1 * 0.5 * (1 + np.cos(np.pi * np.arange(6) / 6)))
 
-  # Stopped in the middle of an architecture pass and restored (counters come back as arrays).
+  # Stopped in the middle of an architecture pass and restored from its saved parts.
   s = searcher()
   state, first = _run(s, s.init(0), steps=6)
-  state = {**state, 'counters': {k: np.int32(v) for k, v in state['counters'].items()},
-           'seed': np.int32(state['seed'])}
+  state = search.SearchState.from_parts(state.arrays(), json.loads(json.dumps(state.meta())))
   s = searcher()
   resumed, rest = _run(s, state)
   assert [m['batches'] for m in first + rest] == expected
-  assert resumed['counters'] == {'step': 23, 'tr_step': 16, 'val_step': 7, 'stage_step': 0}
+  assert resumed.counters == {'step': 23, 'tr_step': 16, 'val_step': 7, 'stage_step': 0}
   uninterrupted = searcher()
   uninterrupted, _ = _run(uninterrupted, uninterrupted.init(0))
-  for x, y in zip(jax.tree.leaves(resumed['arch']), jax.tree.leaves(uninterrupted['arch'])):
+  for x, y in zip(jax.tree.leaves(resumed.arch), jax.tree.leaves(uninterrupted.arch)):
     np.testing.assert_array_equal(x, y)
 
 
@@ -545,25 +563,25 @@ def test_arch_warmup_holds_the_architecture_for_its_share_of_each_stage():
   s = search.Searcher(SPACE, _config(arch_warmup=0.5), _targets(), (RES, RES, 3), 8, 8)
   _stub_networks(s, grad_a=grad)
   state = s.init(0)
-  arch_before = jax.tree.map(np.asarray, state['arch'])
+  arch_before = jax.tree.map(np.asarray, state.arch)
   moved = []
   metrics = []
-  while s.stage(state) != 'done':
-    before = jax.tree.map(np.asarray, state['arch'])
-    stage = s.stage(state)
+  while state.stage != 'done':
+    before = jax.tree.map(np.asarray, state.arch)
+    stage = state.stage
     needs = s.batches_needed(state)
     state, m = s.train_step(state, _data() if needs[0] else None, _data() if needs[1] else None)
     metrics.append(m)
-    if needs[1] and stage == s.stage(state):
+    if needs[1] and stage == state.stage:
       moved.append(any(not np.array_equal(x, y) for x, y in zip(
-          jax.tree.leaves(before), jax.tree.leaves(state['arch']))))
+          jax.tree.leaves(before), jax.tree.leaves(state.arch))))
   # Per stage: val steps after weight steps 1, 3 (warm-up), 5, 7 (last one ends the stage).
   assert moved == [False, False, True, False, False, True]
   assert [('val_loss' in m) for m in metrics if m['stage'] == 'vital'] == [
       False, False, False, False, False, True, False, True]
-  assert state['counters']['val_step'] == 8
+  assert state.counters['val_step'] == 8
   # The vital stage's last architecture step (it ends the stage) moved theta too.
-  assert not np.array_equal(np.asarray(state['meta']['theta_vital']), arch_before['theta'])
+  assert not np.array_equal(np.asarray(state.theta_vital), arch_before['theta'])
   with pytest.raises(search.SearchError, match=r'search.arch_warmup must be in \[0, 1\)'):
     search.Searcher(SPACE, _config(arch_warmup=1.0), _targets(), (RES, RES, 3), 2, 2)
 
@@ -576,9 +594,9 @@ def test_vital_init_targets_starts_stage_one_where_architectures_meet_the_target
   targets = _targets(('k3e1', 'k3e1', 'skip', 'k3e1', 'skip'))
   fitted = search.Searcher(SPACE, _config(vital_init='targets'), targets, (RES, RES, 3), 4, 4)
   uniform = search.Searcher(SPACE, _config(), targets, (RES, RES, 3), 4, 4)
-  assert np.all(np.asarray(uniform.init(0)['arch']['theta']) == 0.0)
+  assert np.all(np.asarray(uniform.init(0).arch['theta']) == 0.0)
   tables = fitted.tables.stacked()[:, fitted.vital_rows]
-  low, high = fitted._others_range
+  low, high = fitted.others_range
   t = fitted.targets
 
   def mass_meeting_targets(theta, tau):
@@ -594,7 +612,7 @@ def test_vital_init_targets_starts_stage_one_where_architectures_meet_the_target
     return total
 
   tau0 = float(fitted.cfg.tau0)
-  started = mass_meeting_targets(fitted.init(0)['arch']['theta'], tau0)
+  started = mass_meeting_targets(fitted.init(0).arch['theta'], tau0)
   assert started > 0.9 and started > mass_meeting_targets(np.zeros_like(tables[0]), tau0) + 0.2
   with pytest.raises(search.SearchError, match='search.vital_init must be one of'):
     search.Searcher(SPACE, _config(vital_init='proposal'), targets, (RES, RES, 3), 2, 2)
@@ -626,21 +644,99 @@ def test_ablation_switches():
   s = search.Searcher(SPACE, _config(vital_priority=False, num_proposals=2), targets,
                       (RES, RES, 3), 5, 1)
   state = s.init(0)
-  assert s.stage(state) == 'nonvital'
-  assert s.choice_layers(state['meta']) == SPACE.searchable_names
-  assert state['arch']['thetas'].shape == (2, len(SPACE.searchable_names), len(SPACE.op_names))
-  assert state['arch']['pi'].shape == (2,)
-  assert isinstance(s.engine(state['meta']), singlepath.SinglePathEngine)
+  assert state.stage == 'nonvital'
+  assert s.stage_of(state).layers == SPACE.searchable_names
+  assert state.arch['thetas'].shape == (2, len(SPACE.searchable_names), len(SPACE.op_names))
+  assert state.arch['pi'].shape == (2,)
+  assert isinstance(s.stage_of(state).engine, singlepath.SinglePathEngine)
   # Gumbel-softmax over all candidates: every candidate of every searched layer trains.
   s = search.Searcher(SPACE, _config(sampler='gumbel_softmax'), targets, (RES, RES, 3), 5, 1)
   state = s.init(0)
-  assert isinstance(s.engine(state['meta']), wholenet.WholeNetEngine)
+  assert isinstance(s.stage_of(state).engine, wholenet.WholeNetEngine)
   new_state, _ = s.train_step(state, _data(), None)
   for n in VITAL:
     for op in SPACE.layer(n).ops:
-      before = jax.tree.leaves(state['weights']['params'][n][op])
-      after = jax.tree.leaves(new_state['weights']['params'][n][op])
+      before = jax.tree.leaves(state.weights['params'][n][op])
+      after = jax.tree.leaves(new_state.weights['params'][n][op])
       assert any(not np.array_equal(a, b) for a, b in zip(before, after)), (n, op)
+
+
+def test_a_latency_target_is_a_third_resource():
+  """A measured latency table (here a stand-in: each op's FLOPs at 1 GFLOP/s plus a per-layer
+  call cost) makes latency_ms a target like params and FLOPs: refused when out of reach,
+  fitted by the proposals, met by the result, and reported."""
+  space = spaces.get_space('fbnet_shallow', resolution=32, num_classes=10, width=0.25)
+  tables = costs.cost_tables(space)
+  latency = np.where(tables.mask, tables.flops / 1e6 + 0.002, 0.0)  # ms
+  tables = tables.with_latency(latency, tables.fixed_flops / 1e6 + 0.004)
+  ops = ['k3e3', 'k5e6', 'k3g2', 'k3e3', 'k5e1', 'k5e6', 'skip', 'k3e6', 'k3e1', 'k5e3', 'k3e3',
+         'k5e6']
+  target = float(tables.resources([space.op_names.index(o) for o in ops])[2])
+  targets = ml_collections.ConfigDict({'params': 0.0, 'flops': 0.0, 'latency_ms': target})
+  cfg = _config(num_proposals=8, vital_priority=False, val_every=1, arch_lr=0.05)
+  with pytest.raises(search.SearchError, match='latency table'):
+    search.Searcher(space, cfg, targets, (32, 32, 3), 0, 10)  # no latency table
+  high = costs.reachable_range(*costs.restrict_tables(tables)[1:])[1][2]
+  with pytest.raises(costs.TargetError, match=r'latency target .* ms is outside what space'):
+    search.Searcher(space, cfg, ml_collections.ConfigDict({'latency_ms': 2 * high}),
+                    (32, 32, 3), 0, 10, tables=tables)
+  s = search.Searcher(space, cfg, targets, (32, 32, 3), 0, 10, tables=tables)
+  assert list(s.active) == [False, False, True]
+  state = s.init(0)
+  theta = state.arch['thetas']
+  expected = proposals.expected_cost(theta, jnp.asarray(s.stage_of(state).tables[0], jnp.float32),
+                                     jnp.asarray(s.stage_of(state).tables[2], jnp.float32),
+                                     s.tau(state), s.stage_of(state).mask)
+  np.testing.assert_allclose(np.asarray(expected)[:, 2], target, rtol=0.05)
+  rng = np.random.default_rng(0)
+  _stub_networks(s, lambda a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), jnp.float32))
+  state, _ = _run(s, state, res=32)
+  result = s.result(state)
+  assert result['targets'] == {'params': None, 'flops': None, 'latency_ms': target}
+  assert set(result['deviation']) == {'latency_ms'}
+  assert abs(result['deviation']['latency_ms']) <= 0.05
+  chosen = [space.op_names.index(result['ops'][n]) for n in space.searchable_names]
+  assert result['latency_ms'] == pytest.approx(float(tables.resources(chosen)[2]))
+  text = analysis.summary_text(space, result)
+  assert f'{result["latency_ms"]:.4f} ms predicted latency' in text
+  assert 'target latency_ms' in text
+
+
+def test_an_engine_plugs_in_by_name_from_the_config(monkeypatch):
+  """A third engine registered in engines.ENGINES is what config search.engine names: the
+  searcher trains through it without knowing it, and gets the same result as through the
+  single-path engine it wraps."""
+  calls = []
+
+  class CountingEngine(singlepath.SinglePathEngine):
+    def train_step(self, weights, batch, choice, lr):
+      calls.append(('train_step', choice.layers))
+      return super().train_step(weights, batch, choice, lr)
+
+    def arch_grads(self, weights, batch, choice):
+      calls.append(('arch_grads', choice.layers))
+      return super().arch_grads(weights, batch, choice)
+
+  monkeypatch.setitem(engines.ENGINES, 'counting', lambda: CountingEngine)
+  results = []
+  for engine in ('counting', ''):
+    s = search.Searcher(SPACE, _config(engine=engine), _targets(), (RES, RES, 3), 2, 2)
+    state, _ = _run(s, s.init(0))
+    results.append(s.result(state))
+  assert results[0]['ops'] == results[1]['ops']
+  np.testing.assert_array_equal(results[0]['pi'], results[1]['pi'])
+  assert [c[0] for c in calls] == ['train_step', 'train_step', 'arch_grads'] * 2
+  assert calls[0][1] == VITAL and set(calls[3][1]) == set(SPACE.searchable_names) - set(VITAL)
+
+
+def test_an_engine_that_cannot_train_the_samplers_samples_is_refused():
+  with pytest.raises(search.SearchError, match="runs path candidates, but sampler "
+                                               "'gumbel_softmax' needs .* all_candidates"):
+    search.Searcher(SPACE, _config(sampler='gumbel_softmax', engine='single_path'), _targets(),
+                    (RES, RES, 3), 1, 1)
+  with pytest.raises(search.SearchError, match="search.engine must be one of single_path, "
+                                               "switch, all_candidates"):
+    search.Searcher(SPACE, _config(engine='fused'), _targets(), (RES, RES, 3), 1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,8 +763,8 @@ def test_reinforce_gradient_is_advantage_times_score(tau_mode):
   idx = np.array([1, 4, 0])
   tau, loss, baseline = 2.5, 1.7, 1.2
   tau_eff = tau if tau_mode == 'logits' else 1.0  # 'relaxed' samples from softmax(theta)
-  grad_fn = jax.jit(lambda t, l, b: search.reinforce_grads(
-      lambda x: search.path_log_prob(x, idx, tau, jnp.asarray(mask), tau_mode), t, l, b))
+  grad_fn = jax.jit(lambda t, l, b: stages.reinforce_grads(
+      lambda x: stages.path_log_prob(x, idx, tau, jnp.asarray(mask), tau_mode), t, l, b))
   got = np.asarray(grad_fn(jnp.asarray(theta), loss, baseline))
   want = (loss - baseline) * _np_grad_log_prob(theta, idx, tau_eff, mask)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -678,8 +774,8 @@ def test_reinforce_gradient_is_advantage_times_score(tau_mode):
   pi = np.array([0.3, -0.4], np.float32)
   arch = {'thetas': jnp.asarray(thetas), 'pi': jnp.asarray(pi)}
   k = 1
-  grads = search.reinforce_grads(
-      lambda a: search.two_level_log_prob(a['thetas'], a['pi'], k, idx, tau, jnp.asarray(mask),
+  grads = stages.reinforce_grads(
+      lambda a: stages.two_level_log_prob(a['thetas'], a['pi'], k, idx, tau, jnp.asarray(mask),
                                           tau_mode), arch, loss, baseline)
   np.testing.assert_allclose(grads['pi'], (loss - baseline) * (np.eye(2)[k] - _np_softmax(pi)),
                              rtol=1e-5, atol=1e-6)
@@ -698,39 +794,39 @@ def test_reinforce_step_is_adams_first_step_on_the_estimate():
   _stub_networks(s, loss=lambda idx: (seen.append(idx), 2.0)[1])
   state = s.init(0)
   rng = np.random.default_rng(1)
-  theta = rng.normal(size=state['arch']['theta'].shape).astype(np.float32)
-  state = {**_set_arch(s, state, {'theta': jnp.asarray(theta)}),
-           'arch_baseline': jnp.float32(1.5)}
+  theta = rng.normal(size=state.arch['theta'].shape).astype(np.float32)
+  state = _set_arch(s, state, {'theta': jnp.asarray(theta)}).replace(
+      arch_baseline=jnp.float32(1.5))
   new, _ = s.train_step(state, _data(), _data(seed=1))
   mask = SPACE.op_mask()[[SPACE.searchable_names.index(n) for n in VITAL]]
   g = (2.0 - 1.5) * _np_grad_log_prob(theta, seen[0], tau, mask)
-  np.testing.assert_allclose(new['arch']['theta'] - theta, -lr * g / (np.abs(g) + 1e-8),
+  np.testing.assert_allclose(new.arch['theta'] - theta, -lr * g / (np.abs(g) + 1e-8),
                              rtol=1e-4, atol=1e-7)
-  assert float(new['arch_baseline']) == pytest.approx(0.9 * 1.5 + 0.1 * 2.0)
+  assert float(new.arch_baseline) == pytest.approx(0.9 * 1.5 + 0.1 * 2.0)
 
 
 def test_reinforce_baseline_starts_at_the_first_loss_and_moves_as_an_ema():
-  b, nxt = search.baseline_step(jnp.float32(jnp.nan), 3.0)
+  b, nxt = stages.baseline_step(jnp.float32(jnp.nan), 3.0)
   assert float(b) == 3.0 and float(nxt) == 3.0
   losses = iter([2.0, 1.0, 3.0, 0.5])
   s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, num_proposals=2),
                       _targets(), (RES, RES, 3), 3, 1)
   _stub_networks(s, loss=lambda idx: next(losses))
   state = s.init(0)
-  assert np.isnan(float(state['arch_baseline']))  # no loss yet
-  theta0 = np.asarray(state['arch']['theta'])
+  assert np.isnan(float(state.arch_baseline))  # no loss yet
+  theta0 = np.asarray(state.arch['theta'])
   baselines = []
   for _ in range(3):
     state, _ = s.train_step(state, _data(), _data(seed=1))
-    if s.stage(state) == 'vital':
-      baselines.append(float(state['arch_baseline']))
+    if state.stage == 'vital':
+      baselines.append(float(state.arch_baseline))
       if len(baselines) == 1:  # L - b = 0 on the first step: theta has not moved
-        np.testing.assert_array_equal(state['arch']['theta'], theta0)
+        np.testing.assert_array_equal(state.arch['theta'], theta0)
   np.testing.assert_allclose(baselines, [2.0, 0.9 * 2.0 + 0.1 * 1.0], rtol=1e-6)
   # A new stage starts a new average.
-  assert s.stage(state) == 'nonvital' and np.isnan(float(state['arch_baseline']))
+  assert state.stage == 'nonvital' and np.isnan(float(state.arch_baseline))
   state, _ = s.train_step(state, _data(), _data(seed=1))
-  assert float(state['arch_baseline']) == 0.5
+  assert float(state.arch_baseline) == 0.5
 
 
 def test_reinforce_vital_stage_finds_the_op_with_the_lower_loss():
@@ -743,7 +839,7 @@ def test_reinforce_vital_stage_finds_the_op_with_the_lower_loss():
   _stub_networks(s, loss=lambda idx: float(np.sum(np.where(idx == k3e3, 1.0, 2.0))
                                            + rng.normal(0.0, 0.1)))
   state, _ = _run(s, s.init(0), steps=300)
-  assert s.stage(state) == 'vital'
+  assert state.stage == 'vital'
   probs = s.probabilities(state)
   for n in VITAL:
     assert max(probs[n], key=probs[n].get) == 'k3e3' and probs[n]['k3e3'] > 0.6, probs[n]
@@ -759,10 +855,10 @@ def test_reinforce_pi_prefers_the_proposal_whose_samples_have_lower_loss():
   k3e3, k3e1 = SPACE.op_names.index('k3e3'), SPACE.op_names.index('k3e1')
   _stub_networks(s, loss=lambda idx: 2.0 + float(np.mean((idx == k3e1) * 1.0 - (idx == k3e3))))
   thetas = jnp.stack([_one_hot_ops(SPACE, 'k3e3', 10.0), _one_hot_ops(SPACE, 'k3e1', 10.0)])
-  state = {**_set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)}),
-           'arch_baseline': state['arch_baseline']}
+  state = _set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)}).replace(
+      arch_baseline=state.arch_baseline)
   state, _ = _run(s, state)
-  pi = np.asarray(jax.nn.softmax(state['arch']['pi']))
+  pi = np.asarray(jax.nn.softmax(state.arch['pi']))
   assert pi[0] > 0.75, pi
   assert s.result(state)['proposal'] == 0
 
@@ -770,22 +866,19 @@ def test_reinforce_pi_prefers_the_proposal_whose_samples_have_lower_loss():
 def test_path_loss_is_the_forward_half_of_arch_grads():
   s = search.Searcher(SPACE, _config(), _targets(), (RES, RES, 3), 1, 1)
   state = s.init(0)
-  engine = s.engine(state['meta'])
-  batch, path = _data(), {'layer2_1': 'k3e1', 'layer3_1': 'k3e3'}
-  with_grads, metrics, _ = engine.arch_grads(state['weights'], batch['image'], batch['label'],
-                                             path)
-  forward, forward_metrics = engine.path_loss(state['weights'], batch['image'], batch['label'],
-                                              path)
+  engine = s.stage_of(state).engine
+  batch = _data()
+  choice = engines.Choice.from_path(SPACE, {'layer2_1': 'k3e1', 'layer3_1': 'k3e3'})
+  with_grads, metrics, _ = engine.arch_grads(state.weights, batch, choice)
+  forward, forward_metrics = engine.path_loss(state.weights, batch, choice)
   np.testing.assert_allclose(forward_metrics['loss'], metrics['loss'], rtol=1e-6)
   for x, y in zip(jax.tree.leaves(forward), jax.tree.leaves(with_grads)):
     np.testing.assert_allclose(x, y, rtol=1e-6)
   assert any(not np.array_equal(x, y) for x, y in zip(
-      jax.tree.leaves(forward['batch_stats']), jax.tree.leaves(state['weights']['batch_stats'])))
+      jax.tree.leaves(forward['batch_stats']), jax.tree.leaves(state.weights['batch_stats'])))
 
 
 def test_reinforce_search_runs_end_to_end_and_resumes_from_checkpoints(tmp_path):
-  from hournas_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
   def searcher():
     return search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1,
                                           num_proposals=2), _targets(), (RES, RES, 3), 2, 2)
@@ -794,7 +887,7 @@ def test_reinforce_search_runs_end_to_end_and_resumes_from_checkpoints(tmp_path)
   reference, metrics = _run(s, s.init(3))
   assert [m['stage'] for m in metrics] == ['vital'] * 2 + ['nonvital'] * 2
   assert all(np.isfinite(m['val_loss']) for m in metrics)
-  assert np.isfinite(float(reference['arch_baseline']))
+  assert np.isfinite(float(reference.arch_baseline))
   assert s.result(reference)['ops']
 
   # Stopped after step 1 (vital) and step 3 (non-vital), saved, restored against the template.
@@ -803,19 +896,20 @@ def test_reinforce_search_runs_end_to_end_and_resumes_from_checkpoints(tmp_path)
     for stop in (1, 3):
       state, _ = _run(searcher(), state, steps=stop - steps)
       steps = stop
-      ckpt.save(stop, state)
+      ckpt.save(stop, state.arrays(), state.meta())
       ckpt.wait()
       s = searcher()
-      template = s.template(state['meta'])
+      template = s.template(state.meta())
       assert 'arch_baseline' in template
-      restored = ckpt.restore(stop, lambda other: s.template(other['meta']))
-      saved_arrays, restored_arrays = (checkpoint.split_state(x)[0] for x in (state, restored))
-      assert jax.tree.structure(restored_arrays) == jax.tree.structure(saved_arrays)
-      for x, y in zip(jax.tree.leaves(restored_arrays), jax.tree.leaves(saved_arrays)):
+      arrays, meta = ckpt.restore(stop, s.template)
+      saved_arrays = state.arrays()
+      assert jax.tree.structure(arrays) == jax.tree.structure(saved_arrays)
+      for x, y in zip(jax.tree.leaves(arrays), jax.tree.leaves(saved_arrays)):
         assert (x.shape, x.dtype) == (np.shape(y), jnp.asarray(y).dtype)
-      state = restored
+      state = search.SearchState.from_parts(arrays, meta)
   resumed, _ = _run(searcher(), state)
   for part in ('arch', 'arch_baseline', 'weights'):
-    for x, y in zip(jax.tree.leaves(resumed[part]), jax.tree.leaves(reference[part])):
+    for x, y in zip(jax.tree.leaves(getattr(resumed, part)),
+                    jax.tree.leaves(getattr(reference, part))):
       np.testing.assert_array_equal(x, y)
-  assert resumed['meta']['vital_ops'] == reference['meta']['vital_ops']
+  assert resumed.vital_ops == reference.vital_ops

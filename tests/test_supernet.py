@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hournas_jax import blocks, optim, spaces, supernet, singlepath, vital, wholenet
+from hournas_jax import blocks, engines, optim, spaces, supernet, singlepath, vital, wholenet
 from spaces_for_tests import toy_space
 
 RES = 16
@@ -62,8 +62,9 @@ def test_single_path_step_equals_fixed_network(space, engine, batch):
   fixed = wholenet.WholeNetEngine(space, supernet.fixed_layer_ops(space, ops))
   fstate = {k: _sub(state[k], space, ops) for k in state}
   for _ in range(2):  # two steps: momentum and running statistics matter too
-    state, m = engine.train_step(state, images, labels, path, 0.1)
-    fstate, fm = fixed.train_step(fstate, images, labels, 0.1)
+    batch_dict = {'image': images, 'label': labels}
+    state, m = engine.train_step(state, batch_dict, engines.Choice.from_path(space, path), 0.1)
+    fstate, fm = fixed.train_step(fstate, batch_dict, engines.Choice.none(space), 0.1)
     np.testing.assert_allclose(m['loss'], fm['loss'], rtol=1e-5)
   for k in state:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -82,8 +83,8 @@ def test_unsampled_candidates_are_untouched(space, engine, batch):
   state = engine.init(1, (RES, RES, 3))
   first = _path(space, lambda i, l: 0)
   second = _path(space, lambda i, l: len(l.ops) - 1 if l.ops[-1] != 'skip' else 1)
-  state1, _ = engine.train_step(state, images, labels, first, 0.1)
-  state2, _ = engine.train_step(state1, images, labels, second, 0.1)
+  state1, _ = engine.train_path(state, images, labels, first, 0.1)
+  state2, _ = engine.train_path(state1, images, labels, second, 0.1)
   for layer in space.searchable_layers:
     for op in set(layer.ops) - {'skip'}:
       for k in ('params', 'batch_stats', 'opt_state'):
@@ -104,7 +105,7 @@ def test_gate_gradients_are_the_straight_through_gradients(space, engine, batch)
   images, labels = batch
   state = engine.init(2, (RES, RES, 3))
   path = _path(space, lambda i, l: (i + 1) % len(l.ops))
-  _, _, gates = engine.arch_grads(state, images, labels, path)
+  _, _, gates = engine.path_gates(state, images, labels, path)
   assert set(gates) == set(space.searchable_names)
   net = supernet.SuperNet(space, supernet.layer_ops(space))
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
@@ -141,12 +142,16 @@ def test_all_candidates_engine(space, batch):
   images, labels = batch
   eng = wholenet.WholeNetEngine(space, supernet.layer_ops(space))
   state = eng.init(3, (RES, RES, 3))
-  weights = {l.name: jnp.full((len(l.ops),), 1.0 / len(l.ops)) for l in space.searchable_layers}
-  _, metrics, grads = eng.arch_grads(state, images, labels, weights)
+  mask = space.op_mask()
+  uniform = engines.Choice(space.searchable_names, jnp.zeros(len(mask), jnp.int32),
+                           jnp.asarray(mask / mask.sum(-1, keepdims=True), jnp.float32))
+  batch_dict = {'image': images, 'label': labels}
+  _, metrics, grad_a = eng.arch_grads(state, batch_dict, uniform)
   assert np.isfinite(float(metrics['loss']))
-  for layer in space.searchable_layers:
-    assert grads[layer.name].shape == (len(layer.ops),)
-  new_state, _ = eng.train_step(state, images, labels, 0.1, weights)
+  # d loss / d A in A's layout: a gradient for each layer's own candidates, zero elsewhere.
+  assert grad_a.shape == mask.shape
+  assert np.all(np.asarray(grad_a)[~mask] == 0) and np.all(np.asarray(grad_a)[mask] != 0)
+  new_state, _ = eng.train_step(state, batch_dict, uniform, 0.1)
   # Every candidate moves in the all-candidates mode.
   for layer in space.searchable_layers:
     for op in set(layer.ops) - {'skip'}:

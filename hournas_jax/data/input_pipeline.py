@@ -1,5 +1,9 @@
 """HourNAS input pipeline: deterministic, resumable batches and mesh sharding.
 
+Datasets: the offline 'digits' and 'cluttered_digits', 'imagenet2012' and
+'cifar10' from TFDS, any other TFDS image classification dataset by name, and
+'folder' (a directory of class folders of JPEG/PNG images, given as data_dir).
+
 Splits: 'search_train' (first 80% of train, D_tr: supernet weights),
 'search_val' (last 20%, D_val: architecture parameters), 'train' (all of it,
 for retraining) and 'eval' (validation/test data).
@@ -30,13 +34,25 @@ def _tfds_pipeline():
   return tfds_pipeline
 
 
-def dataset_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
+def _folder():
+  from hournas_jax.data import folder  # pylint: disable=g-import-not-at-top
+  return folder
+
+
+def _offline(name: str):
+  return {'digits': digits, 'cluttered_digits': cluttered}[name]
+
+
+def dataset_info(name: str, data_dir: str | None = None,
+                 options: common.DataOptions | None = None) -> dict[str, Any]:
   """num_classes, default image_shape (H, W, C) and the size of each split.
 
   For TFDS datasets this needs the prepared data (the split sizes come from
-  its metadata) and raises DataError otherwise.
+  its metadata) and a folder is indexed (every file's header is read); either
+  raises DataError when the data cannot be used.
   """
   common.check_dataset(name)
+  options = options or common.DataOptions()
   if name in common.OFFLINE_DATASETS:
     module = _offline(name)
     size = module.DEFAULT_IMAGE_SIZE
@@ -46,50 +62,44 @@ def dataset_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
         'splits': {split: module.num_examples(split)
                    for split in common.SPLITS},
     }
-  return _tfds_pipeline().dataset_info(name, data_dir)
+  if name == common.FOLDER:
+    return _folder().dataset_info(data_dir, options)
+  common.check_options(options)
+  return _tfds_pipeline().dataset_info(name, data_dir, options)
 
 
 def steps_per_epoch(name: str, split: str, batch_size: int, *,
-                    train: bool = True, data_dir: str | None = None) -> int:
+                    train: bool = True, data_dir: str | None = None,
+                    options: common.DataOptions | None = None) -> int:
   """Batches per epoch of make_batches(name, split, batch_size, train=...).
 
   Training counts full batches only; eval counts the padded last batch.
   """
   common.check_dataset(name)
   common.check_split(split)
+  options = options or common.DataOptions()
   if name in common.OFFLINE_DATASETS:
     common.local_batch_size(batch_size, jax.process_count())
     return _offline(name).steps_per_epoch(split, batch_size, train=train)
-  return _tfds_pipeline().steps_per_epoch(
-      name, split, batch_size, train=train, data_dir=data_dir,
-      process_count=jax.process_count())
-
-
-def _offline(name: str):
-  return {'digits': digits, 'cluttered_digits': cluttered}[name]
-
-
-def _check_channels(name: str, channels: int | None) -> int:
-  if name in common.OFFLINE_DATASETS:
-    allowed = (1, 3)
-    channels = 1 if channels is None else channels
-  else:
-    allowed = (3,)
-    channels = 3 if channels is None else channels
-  if channels not in allowed:
-    raise common.DataError(
-        f'{name} supports channels in {allowed}, got {channels}.')
-  return channels
+  kwargs = dict(train=train, process_count=jax.process_count(),
+                options=options)
+  if name == common.FOLDER:
+    return _folder().steps_per_epoch(data_dir, split, batch_size, **kwargs)
+  common.check_options(options)
+  return _tfds_pipeline().steps_per_epoch(name, split, batch_size,
+                                          data_dir=data_dir, **kwargs)
 
 
 def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
                  seed: int, start_step: int = 0, train: bool = True,
-                 data_dir: str | None = None,
-                 channels: int | None = None) -> Iterator[Batch]:
+                 data_dir: str | None = None, channels: int | None = None,
+                 options: common.DataOptions | None = None
+                 ) -> Iterator[Batch]:
   """This process's share of each global batch, from batch start_step on.
 
   Args:
-    name: 'imagenet2012', 'cifar10', 'digits' or 'cluttered_digits'.
+    name: 'imagenet2012', 'cifar10', 'digits', 'cluttered_digits', 'folder'
+      or the name of a TFDS image classification dataset ('mnist', ...).
     split: 'search_train', 'search_val', 'train' or 'eval'.
     batch_size: global batch size, divisible by jax.process_count().
     image_size: output height and width.
@@ -99,10 +109,12 @@ def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
       (epoch e shuffled by (seed, e)); False gives one pass in a fixed order
       whose last batch is padded, with a float32 'mask' (1 real, 0 padding)
       in every batch so each example counts exactly once.
-    data_dir: TFDS data directory (TFDS default when None); unused by the
-      offline datasets.
-    channels: offline datasets only: 1 (default) or 3 (repeated gray); the
-      others are always RGB.
+    data_dir: TFDS data directory (TFDS default when None); for 'folder' the
+      directory of class folders; unused by the offline datasets.
+    channels: 1 or 3, None for the dataset's own (imagenet2012 and cifar10
+      are always RGB; the offline datasets default to 1).
+    options: how TFDS-by-name and folder datasets are split and augmented
+      (config.data); None for the defaults.
 
   Returns:
     Iterator of dicts: 'image' float32 (batch_size // process_count, H, W, C),
@@ -111,7 +123,8 @@ def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
   """
   common.check_dataset(name)
   common.check_split(split)
-  channels = _check_channels(name, channels)
+  common.check_channels(name, channels)
+  options = options or common.DataOptions()
   if image_size <= 0:
     raise common.DataError(f'image_size must be positive, got {image_size}.')
   if seed < 0 or start_step < 0:
@@ -123,8 +136,13 @@ def make_batches(name: str, split: str, *, batch_size: int, image_size: int,
                 process_index=jax.process_index(),
                 process_count=jax.process_count())
   if name in common.OFFLINE_DATASETS:
-    return _offline(name).make_batches(split, channels=channels, **kwargs)
+    return _offline(name).make_batches(split, channels=channels or 1, **kwargs)
+  if name == common.FOLDER:
+    return _folder().make_batches(data_dir, split, channels=channels,
+                                  options=options, **kwargs)
+  common.check_options(options)
   return _tfds_pipeline().make_batches(name, split, data_dir=data_dir,
+                                       channels=channels, options=options,
                                        **kwargs)
 
 

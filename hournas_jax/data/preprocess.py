@@ -1,8 +1,10 @@
-"""TensorFlow image preprocessing for ImageNet and CIFAR-10.
+"""TensorFlow image preprocessing: ImageNet, CIFAR-10 and any decoded image.
 
-Follows the flax ImageNet example (also the FBNet recipe HourNAS uses). All
-randomness is stateless: each function takes an explicit [2]-int seed, so an
-example's augmentation depends only on (run seed, epoch, position) and a
+Follows the flax ImageNet example (also the FBNet recipe HourNAS uses). Other
+datasets (TFDS by name, image folders) get the same two recipes, chosen by the
+output size: the CIFAR-10 one up to SMALL_IMAGE_SIZE, the ImageNet one above.
+All randomness is stateless: each function takes an explicit [2]-int seed, so
+an example's augmentation depends only on (run seed, epoch, position) and a
 resumed run reproduces it exactly.
 """
 
@@ -19,6 +21,13 @@ CIFAR10_STDDEV_RGB = (0.2470 * 255, 0.2435 * 255, 0.2616 * 255)
 CROP_PADDING = 32
 CIFAR10_IMAGE_SIZE = 32
 CIFAR10_PADDING = 4
+
+# Largest output size that gets the small-image recipe (whole image, pad and
+# crop): random-resized crops of 8% of the area leave too few pixels below it.
+SMALL_IMAGE_SIZE = 64
+# Gray images are standardized with the mean of ImageNet's channel statistics.
+GRAY_MEAN = (sum(IMAGENET_MEAN_RGB) / 3,)
+GRAY_STDDEV = (sum(IMAGENET_STDDEV_RGB) / 3,)
 
 
 def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor, *,
@@ -58,17 +67,23 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
                          method=tf.image.ResizeMethod.BICUBIC)
 
 
+def train_crop_window(image_shape: tf.Tensor, seed: tf.Tensor,
+                      image_size: int) -> tf.Tensor:
+  """The random-resized-crop window, or the eval window if sampling fails."""
+  window = random_crop_window(image_shape, seed)
+  # A whole-image window means sampling failed; the recipe falls back to the
+  # eval center crop rather than training on the uncropped image.
+  sampling_failed = tf.reduce_all(tf.equal(window[2:], image_shape[:2]))
+  return tf.cond(sampling_failed,
+                 lambda: center_crop_window(image_shape, image_size),
+                 lambda: window)
+
+
 def decode_and_random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
                                    image_size: int) -> tf.Tensor:
   """Random-resized crop of a JPEG, decoding only the cropped window."""
   shape = tf.image.extract_jpeg_shape(image_bytes)
-  window = random_crop_window(shape, seed)
-  # A whole-image window means sampling failed; the recipe falls back to the
-  # eval center crop rather than training on the uncropped image.
-  sampling_failed = tf.reduce_all(tf.equal(window[2:], shape[:2]))
-  window = tf.cond(sampling_failed,
-                   lambda: center_crop_window(shape, image_size),
-                   lambda: window)
+  window = train_crop_window(shape, seed, image_size)
   image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
   return resize(image, image_size)
 
@@ -129,3 +144,61 @@ def preprocess_cifar10(image_bytes: tf.Tensor, seed: tf.Tensor | None, *,
   if image_size != CIFAR10_IMAGE_SIZE:
     image = resize(image, image_size)
   return image
+
+
+def decode_image(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
+  """A JPEG or PNG as uint8 [H, W, channels]; gray and RGB convert either way."""
+  image = tf.io.decode_image(image_bytes, channels=channels,
+                             expand_animations=False)
+  # decode_image leaves the rank unknown; every later op needs it.
+  return tf.ensure_shape(image, [None, None, channels])
+
+
+def crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+  """image[y:y + h, x:x + w] for a window [y, x, h, w]."""
+  return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+
+
+def square_center_crop(image: tf.Tensor) -> tf.Tensor:
+  """The largest centered square: the whole image when it is square."""
+  shape = tf.shape(image)
+  size = tf.minimum(shape[0], shape[1])
+  return crop(image, tf.stack([(shape[0] - size) // 2,
+                               (shape[1] - size) // 2, size, size]))
+
+
+def preprocess_image(image: tf.Tensor, seed: tf.Tensor | None, *,
+                     image_size: int, train: bool,
+                     random_flip_on: bool = True) -> tf.Tensor:
+  """A decoded uint8 image of any size, 1 or 3 channels, to a normalized square.
+
+  Up to SMALL_IMAGE_SIZE the whole (center-square) image is shrunk to
+  image_size and, in training, padded by image_size / 8 and randomly cropped
+  back (CIFAR-10's recipe at 32 px). Above it training takes ImageNet's
+  random-resized crop and eval its center crop. Training images are then
+  mirrored with probability 1/2 unless random_flip_on is False. seed is unused
+  for eval.
+  """
+  channels = image.shape[-1]
+  if train:
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=2))
+  if image_size <= SMALL_IMAGE_SIZE:
+    # Antialiasing: images can be many times larger than the output.
+    image = tf.image.resize(square_center_crop(image), [image_size, image_size],
+                            method=tf.image.ResizeMethod.BILINEAR,
+                            antialias=True)
+    if train:
+      image = pad_and_random_crop(image, crop_seed,
+                                  padding=max(1, image_size // 8))
+  else:
+    shape = tf.shape(image)
+    window = (train_crop_window(shape, crop_seed, image_size) if train
+              else center_crop_window(shape, image_size))
+    image = resize(crop(image, window), image_size)
+  if train and random_flip_on:
+    image = random_flip(image, flip_seed)
+  image = tf.ensure_shape(image, [image_size, image_size, channels])
+  if channels == 1:
+    return normalize(image, GRAY_MEAN, GRAY_STDDEV)
+  return normalize(image, IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB)

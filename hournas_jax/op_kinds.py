@@ -1,0 +1,137 @@
+"""One place per op kind: how a candidate of the kind is built, what it costs, whether its
+output adds its input, and whether it takes part in weight sharing.
+
+An op's kind (`spaces.OpSpec.kind`) picks its entry in `KINDS`; a new kind of candidate is one
+new entry here (and its Flax module in `blocks.py`). `costs.op_cost`, `blocks.make_block`,
+`blocks.has_shortcut` and `blocks.shares_kernels` all read this table.
+
+Costs are (params, multiply-adds) for one image: parameters are every trainable value of the
+module `build` returns (conv kernels, BatchNorm scales and biases, SE and classifier biases);
+multiply-adds count convolutions and fully connected layers, the FBNet/MnasNet convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from hournas_jax import spaces
+
+
+def se_channels(in_channels: int, se_ratio: float) -> int:
+  """Squeeze-and-excitation width: a fraction of the block's input channels (MnasNet, EffNet)."""
+  return max(1, int(in_channels * se_ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class OpKind:
+  """What a kind of candidate is.
+
+  cost(layer, op, space) -> (params, multiply-adds); build(space, layer, op, dropout_rate,
+  name, dtype) -> the Flax module (dtype: its activations', None = float32); shortcut(layer): its output is input + residual; shares_kernels(op):
+  it slices a layer's shared kernels under search.weight_sharing='nested'.
+  """
+  cost: Callable[[spaces.LayerSpec, spaces.OpSpec, spaces.SearchSpace], tuple[int, int]]
+  build: Callable[..., Any]
+  shortcut: Callable[[spaces.LayerSpec], bool] = lambda layer: False
+  shares_kernels: Callable[[spaces.OpSpec], bool] = lambda op: False
+
+
+def _blocks():
+  # The modules import this table; building one imports them on use.
+  from hournas_jax import blocks  # pylint: disable=g-import-not-at-top
+  return blocks
+
+
+# ----- skip: the identity of a SuperBlock that keeps its shape.
+
+def _skip_cost(layer, op, space):  # pylint: disable=unused-argument
+  return 0, 0
+
+
+def _skip_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
+  return _blocks().Skip(name=name)
+
+
+# ----- conv: the stem, k x k conv + BatchNorm + activation.
+
+def _conv_cost(layer, op, space):  # pylint: disable=unused-argument
+  k, cin, cout = op.kernel, layer.in_channels, layer.out_channels
+  return k * k * cin * cout + 2 * cout, k * k * cin * cout * layer.out_resolution ** 2
+
+
+def _conv_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
+  return _blocks().ConvBN(layer.out_channels, op.kernel, layer.stride, space.activation,
+                          dtype=dtype, name=name)
+
+
+# ----- sep: depthwise k x k + BN + act, pointwise 1x1 + BN.
+
+def _sep_cost(layer, op, space):  # pylint: disable=unused-argument
+  k, cin, cout = op.kernel, layer.in_channels, layer.out_channels
+  hw_out = layer.out_resolution ** 2
+  params = k * k * cin + 2 * cin + cin * cout + 2 * cout
+  return params, k * k * cin * hw_out + cin * cout * hw_out
+
+
+def _sep_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
+  return _blocks().SepConv(layer.in_channels, layer.out_channels, op.kernel, layer.stride,
+                           space.activation, dtype=dtype, name=name)
+
+
+# ----- head: 1x1 conv + BN + act, global pool, (dropout,) classifier with bias.
+
+def _head_cost(layer, op, space):  # pylint: disable=unused-argument
+  cin, cout, classes = layer.in_channels, layer.out_channels, space.num_classes
+  params = cin * cout + 2 * cout + cout * classes + classes
+  return params, cin * cout * layer.in_resolution ** 2 + cout * classes
+
+
+def _head_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
+  return _blocks().Head(layer.out_channels, space.num_classes, space.activation, dropout_rate,
+                        dtype=dtype, name=name)
+
+
+# ----- ir: inverted residual, 1x1 expansion (grouped for g2), depthwise k x k, optional SE,
+# 1x1 projection; the residual where the layer keeps its shape.
+
+def _ir_cost(layer, op, space):
+  cin, cout = layer.in_channels, layer.out_channels
+  hw_in, hw_out = layer.in_resolution ** 2, layer.out_resolution ** 2
+  mid, g, k = cin * op.expansion, op.groups, op.kernel
+  params = cin * mid // g + 2 * mid  # 1x1 expansion + BN
+  flops = cin * mid // g * hw_in
+  params += k * k * mid + 2 * mid  # depthwise k x k + BN
+  flops += k * k * mid * hw_out
+  if op.se:  # two 1x1 convs with bias on the pooled vector
+    r = se_channels(cin, space.se_ratio)
+    params += mid * r + r + r * mid + mid
+    flops += 2 * mid * r
+  params += mid * cout // g + 2 * cout  # 1x1 projection + BN
+  flops += mid * cout // g * hw_out
+  return params, flops
+
+
+def _ir_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
+  se = se_channels(layer.in_channels, space.se_ratio) if op.se else 0
+  return _blocks().InvertedResidual(layer.in_channels, layer.out_channels, op.kernel,
+                                    op.expansion, op.groups, layer.stride, se,
+                                    space.activation, dtype=dtype, name=name)
+
+
+KINDS = {
+    'skip': OpKind(_skip_cost, _skip_build, shortcut=lambda layer: True),
+    'conv': OpKind(_conv_cost, _conv_build),
+    'sep': OpKind(_sep_cost, _sep_build),
+    'head': OpKind(_head_cost, _head_build),
+    # A grouped 1x1 conv is not a slice of a dense one, so g2 ops keep their own weights.
+    'ir': OpKind(_ir_cost, _ir_build, shortcut=lambda layer: layer.keeps_shape,
+                 shares_kernels=lambda op: op.groups == 1),
+}
+
+
+def kind(op: spaces.OpSpec) -> OpKind:
+  if op.kind not in KINDS:
+    raise spaces.SpaceError(f'op {op.name!r} has kind {op.kind!r}; known kinds: '
+                            f'{", ".join(KINDS)}')
+  return KINDS[op.kind]
