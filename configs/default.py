@@ -8,7 +8,7 @@ Schema (every field, with its meaning):
                         retrain_after_search), 'train' (train train.arch from scratch),
                         'eval' (evaluate the trained model saved in the workdir), or one of
                         the block-importance analyses 'masking', 'sensitivity', 'saturation'
-                        (analysis.*; configs/analysis_*.py).
+                        (analysis.*; configs/analysis_*.py), or 'export' (export.*).
   seed                  seeds initialisation, sampling and the data order.
   space, width          search space (fbnet, fbnet_enlarged, mnasnet, efficientnet,
                         fbnet_shallow) and its channel multiplier.

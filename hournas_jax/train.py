@@ -11,6 +11,8 @@ Modes (config.mode):
 - 'eval': loads the trained model(s) saved in the workdir and evaluates them.
 - 'masking', 'sensitivity', 'saturation': the block-importance analyses of the paper's
   Figure 2, Appendix A and Appendix B (`importance_modes.py`; config.analysis).
+- 'export': writes the workdir's trained model (or config.train.arch with fresh weights) as
+  jax.export, TFLite and ONNX files, each checked against JAX (`export.py`; config.export).
 
 Workdir layout:
     config.json         the resolved config of the latest run (rewritten by every run)
