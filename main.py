@@ -20,7 +20,9 @@ import difflib
 import os
 import sys
 
-# Quiet TensorFlow's C++ start-up banner (it is only imported for TFDS datasets).
+# Quiet TensorFlow's C++ start-up lines (TF is only imported for TFDS and image-folder datasets;
+# hournas_jax/data sets the same default for runs that skip main.py). Set before any import
+# that could load TF; a user's own value wins.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position

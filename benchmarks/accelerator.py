@@ -18,7 +18,11 @@ One run measures, on `jax.devices()[0]`:
    (`memory_stats()['peak_bytes_in_use']`, the process's peak so far; None on a CPU).
    A precision is run when the search config has a `precision` field or the engine's
    constructor takes `dtype` / `precision`; otherwise it is reported null with the reason.
-2. The fixed network of HourNAS-A (`wholenet.WholeNetEngine` over
+   'single_path' chains its iteration from Python (the sampler, each sampled block's programs,
+   the architecture update); 'switch' is fusable, so the searcher runs each of its iterations
+   as one program (`fused_iteration`); `programs_compiled` counts what each compiled, and
+   `auto_engine` is what search.engine='auto' picks here (these figures should confirm it).
+2. The fixed network of HourNAS-A (`engines.all_candidates.AllCandidatesEngine` over
    `supernet.fixed_layer_ops(space, hournas_a)`, `engines.Choice.none`): one SGD step at the
    same batch, the reference; search / fixed is the iteration time over the fixed step.
 3. The all-candidates search iteration ('all_candidates' engine, sampler gumbel_softmax): every
@@ -55,7 +59,6 @@ with a reason in `notes`; the run itself does not fail.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import inspect
 import io
@@ -230,7 +233,7 @@ class Bench:
     tables = costs.cost_tables(self.space)
     low, high = costs.reachable_range(tables.stacked(), tables.mask, tables.fixed())
     targets = np.where((low <= reference) & (reference <= high), reference, (low + high) / 2)
-    self.targets = {'params': float(targets[0]), 'flops': float(targets[1])}
+    self.targets = {'params': float(targets[0]), 'flops': float(targets[1]), 'latency_ms': 0.0}
     self.reference_cost = reference
     self.tables = tables
     self.batches = {}
@@ -302,20 +305,24 @@ class Bench:
 
   def measure_search(self, engine: str, sampler: str, precision: str, batch_size: int):
     """Times `Searcher.train_step` in the non-vital stage. Returns a dict of figures."""
-    from hournas_jax import engines, search  # pylint: disable=g-import-not-at-top
+    from hournas_jax import compiles, engines, search  # pylint: disable=g-import-not-at-top
     jax, jnp, np = self.jax, self.jnp, self.np
-    engine_cls = engines.ENGINES[engine]()
+    engine_cls = engines.ENGINES[engine]
     how, value, reason = self.precision_route(engine_cls, precision)
     if how is None:
       return {'unsupported': reason}
     cfg = self.search_cfg(engine, sampler)
+    factory = None
     if how == 'config':
       cfg.precision = value
+    elif how == 'kwarg':
+      factory = lambda layer_ops: engine_cls(
+          self.space, layer_ops, momentum=float(cfg.momentum),
+          weight_decay=float(cfg.weight_decay), **{value[0]: value[1]})
     searcher = search.Searcher(self.space, cfg, self.targets, self.shape, vital_steps=0,
-                               nonvital_steps=10 ** 9, tables=self.tables)
-    if how == 'kwarg':
-      searcher.engine_class = functools.partial(engine_cls, **{value[0]: value[1]})
-    k = searcher.val_every
+                               nonvital_steps=10 ** 9, tables=self.tables,
+                               engine_factory=factory)
+    k = searcher.schedule.val_every
     batch = self.batch(batch_size)
 
     def iterate(state):
@@ -324,6 +331,7 @@ class Bench:
                                      batch if needs_val else None)
       return state, needs_val
 
+    log = compiles.CompileLog().__enter__()
     t = time.perf_counter()
     state = searcher.init(0)
     # Committed to the device, as the batch is: a program's inputs then keep one placement,
@@ -337,10 +345,12 @@ class Bench:
     self.block(state.arrays())
     first_s = time.perf_counter() - t
     # Compile every candidate's programs: op j at every layer that has it, a weight step and
-    # an architecture step each (random paths then only hit compiled programs).
+    # an architecture step each (random paths then only hit compiled programs). A fusable
+    # engine runs each iteration as one program of the searcher's, whatever the path: its
+    # iterations compile it.
     t = time.perf_counter()
     stage = searcher.stage_of(state)
-    if engine_cls.runs == 'path':
+    if engine_cls.runs == 'path' and not engine_cls.fusable:
       weights = state.weights
       for op in self.space.op_names:
         idx = np.array([self.space.op_names.index(op if op in self.space.layer(n).ops
@@ -355,6 +365,7 @@ class Bench:
       state, _ = iterate(state)
     self.block(state.arrays())
     warm_s = time.perf_counter() - t
+    log.__exit__(None, None, None)
 
     steps = -(-self.args.steps // k) * k
     weight_only, with_arch, host, call = [], [], [], []
@@ -378,24 +389,18 @@ class Bench:
            'host_ms': 1e3 * statistics.median(host), 'call_ms': 1e3 * statistics.median(call),
            'compile_s': first_s + warm_s, 'first_step_s': first_s, 'init_s': init_s,
            'steps': steps, 'val_every': k, 'batch': batch_size, 'peak_mb': self.peak_mb(),
-           'precision_route': how}
+           'precision_route': how, 'programs': log.count,
+           # Programs dispatched by one iteration: the fused one, or the chain of the sampler,
+           # every sampled block's programs and the architecture update.
+           'fused': bool(engine_cls.fusable)}
     return out
 
   def measure_fixed(self, precision: str):
     """One SGD step of the reference architecture's fixed network (the whole-network engine)."""
-    from hournas_jax import engines, supernet, wholenet  # pylint: disable=g-import-not-at-top
-    params = inspect.signature(wholenet.WholeNetEngine.__init__).parameters
-    kwargs = {}
-    if 'precision' in params:
-      kwargs['precision'] = precision
-    elif 'dtype' in params:
-      kwargs['dtype'] = self.compute_dtype(precision)
-    elif precision != 'float32':
-      return {'unsupported': 'unsupported: WholeNetEngine takes no dtype'}
-    engine = wholenet.WholeNetEngine(self.full_space,
-                                     supernet.fixed_layer_ops(self.full_space,
-                                                              self.reference_ops),
-                                     **kwargs)
+    from hournas_jax import engines, supernet  # pylint: disable=g-import-not-at-top
+    engine = engines.ENGINES['all_candidates'](
+        self.full_space, supernet.fixed_layer_ops(self.full_space, self.reference_ops),
+        dtype=self.compute_dtype(precision))
     batch = self.batch(self.args.batch)
     no_choice = engines.Choice.none(self.full_space)
     state = self.jax.device_put(engine.init(0, self.shape), self.device)
@@ -582,12 +587,9 @@ def measure_pipeline(args, notes: dict) -> dict:
 def _path_engines(requested: str, notes: dict) -> list[str]:
   from hournas_jax import engines  # pylint: disable=g-import-not-at-top
   names = []
-  for name, get in engines.ENGINES.items():
-    try:
-      if get().runs == 'path':
-        names.append(name)
-    except Exception as e:  # pylint: disable=broad-except
-      notes[f'{name}'] = f'engine not importable: {_reason(e)}'
+  for name, engine_cls in engines.ENGINES.items():
+    if engine_cls.runs == 'path':
+      names.append(name)
   if requested:
     wanted = [n.strip() for n in requested.split(',') if n.strip()]
     for n in wanted:
@@ -721,6 +723,8 @@ def run(args) -> dict:
 
 
 def summarize(args, bench, names, results, pipeline, notes, device, backend, count, wall_s):
+  from hournas_jax import engines  # pylint: disable=g-import-not-at-top
+
   def nested(field, digits=1, keys=None):
     out = {}
     for key, r in results.items():
@@ -793,6 +797,9 @@ def summarize(args, bench, names, results, pipeline, notes, device, backend, cou
       'peak_device_mb': _round(max(peaks)) if peaks else None,
       'compile_s': nested('compile_s'),
       'first_step_s': nested('first_step_s'),
+      'programs_compiled': nested('programs', 0),
+      'fused_iteration': {n: bool(getattr(engines.ENGINES[n], 'fusable', False)) for n in names},
+      'auto_engine': engines.auto_engine('gumbel_max'),
       'host_ms_per_step': nested('host_ms', 2),
       'call_ms_per_step': nested('call_ms', 2),
       'projected_search_minutes': _round(projected),

@@ -192,16 +192,16 @@ def search_dir(out, method, seed):
 def _run_search(task):
   """Runs (or finishes) one search in its workdir; returns its result and wall time."""
   config, workdir = task
-  from hournas_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import checkpoint, search_phase, setup as setup_lib  # pylint: disable=g-import-not-at-top
   done_path = os.path.join(workdir, 'search_time.json')
   if os.path.exists(done_path) and os.path.exists(os.path.join(workdir, 'arch.json')):
     return checkpoint.read_json(os.path.join(workdir, 'arch.json')), checkpoint.read_json(
         done_path)
   start = time.time()
   resumed = os.path.isdir(os.path.join(workdir, 'search', 'checkpoints'))
-  train.configure_jax(config)
-  setup = train.resolve_setup(config, checkpoint.prepare_workdir(workdir))
-  result = train.run_search(setup)
+  setup_lib.configure_jax(config)
+  setup = setup_lib.resolve_setup(config, checkpoint.prepare_workdir(workdir))
+  result = search_phase.run(setup)
   # A resumed search's time is that of its last part only.
   timing = {'wall_s': time.time() - start, 'resumed': resumed}
   checkpoint.atomic_write_json(done_path, timing)
@@ -209,14 +209,14 @@ def _run_search(task):
 
 
 def run_searches(base, out, methods_seeds, workers):
-  from hournas_jax import checkpoint, population, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import checkpoint, population, search_phase, setup as setup_lib  # pylint: disable=g-import-not-at-top
   tasks = [(method_config(base, m, s), search_dir(out, m, s)) for m, s in methods_seeds]
   pending = [t for t in tasks if not os.path.exists(os.path.join(t[1], 'search_time.json'))]
   for config, workdir in tasks:
     # A finished search is reused only if it ran with this configuration.
     if os.path.exists(os.path.join(workdir, checkpoint.FINGERPRINT_FILE)):
-      checkpoint.check_fingerprint(workdir, 'search', train.search_fingerprint(
-          train.resolve_setup(config, workdir)), implicit=train.SEARCH_FINGERPRINT_ADDED)
+      checkpoint.check_fingerprint(workdir, 'search', search_phase.search_fingerprint(
+          setup_lib.resolve_setup(config, workdir)), implicit=search_phase.SEARCH_FINGERPRINT_ADDED)
   results = {}
   print(f'[search_quality] {len(tasks) - len(pending)} of {len(tasks)} searches done; running '
         f'{len(pending)}', flush=True)
@@ -239,10 +239,10 @@ def run_searches(base, out, methods_seeds, workers):
 def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, calibration=20):
   """Kendall tau between inherited-weight accuracy (SuperNet of the no-vital-priority search,
   seed 0) and stand-alone accuracy, over the random architectures."""
-  from hournas_jax import ranking as ranking_lib, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import ranking as ranking_lib, search_phase  # pylint: disable=g-import-not-at-top
   workdir = search_dir(out, RANKING_METHOD, 0)
   setup = setup_fn(method_config(base, RANKING_METHOD, 0), workdir)
-  searcher, state = train.load_search_state(setup)
+  searcher, state = search_phase.load_search_state(setup)
   engine = searcher.stage_of(state).engine
   weights = state.weights
 
@@ -340,7 +340,7 @@ def plot(path, report):
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from hournas_jax import checkpoint, population, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import checkpoint, population, setup as setup_lib, train  # pylint: disable=g-import-not-at-top
   started = time.time()
   try:
     base = load_config(args)
@@ -348,12 +348,12 @@ def main(argv=None):
   except ValueError as e:  # ConfigError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  train.configure_jax(base)
+  setup_lib.configure_jax(base)
   out = checkpoint.prepare_workdir(args.out)
   workers = population.default_workers(args.workers)
 
   def setup_fn(config, workdir):
-    return train.resolve_setup(config, workdir)
+    return setup_lib.resolve_setup(config, workdir)
 
   setup = setup_fn(base, out)
   targets = {k: float(base.targets[k]) for k in ('params', 'flops') if base.targets[k]}

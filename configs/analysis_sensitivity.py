@@ -13,7 +13,8 @@ finish. The full grid of the paper:
 
     python main.py --config=configs/analysis_sensitivity.py --workdir=/tmp/sens_full \\
         --config.dataset=imagenet2012 --config.image_size=224 --config.channels=3 \\
-        --config.width=1.0 --config.ops='' --config.analysis.backbones=k3e1,k3e3,k3e6,k5e1,k5e3,k5e6 \\
+        --config.width=1.0 --config.ops='' \\
+        --config.analysis.backbones=k3e1,k3e3,k3e6,k5e1,k5e3,k5e6 \\
         --config.analysis.candidate_ops=k3e1,k3e3,k3e6,k5e1,k5e3,k5e6,skip --config.train.epochs=...
 """
 

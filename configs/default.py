@@ -61,8 +61,9 @@ def get_search_config() -> ml_collections.ConfigDict:
   s.vital_priority = True    # search the vital blocks first and fix their most probable ops
                              # (the joint choice that keeps the targets reachable)
   s.sampler = 'gumbel_max'   # 'gumbel_max' (single path) | 'gumbel_softmax' (FBNet ablation)
-  s.engine = ''              # what trains the SuperNet (hournas_jax/engines.py): '' = the
-                             # sampler's own ('single_path' | 'all_candidates')
+  s.engine = ''              # what trains the SuperNet (hournas_jax/engines/): '' = the
+                             # sampler's own ('single_path' | 'all_candidates'); 'switch';
+                             # 'auto' = single_path on a CPU, switch on an accelerator
   s.schedule = 'interleaved'  # when architecture steps come (Algorithm 1): 'interleaved' = one
                              # D_val step after every val_every D_tr weight steps; 'epoch' =
                              # as the paper writes it: each epoch a full pass of weight steps
@@ -151,7 +152,7 @@ def get_analysis_config() -> ml_collections.ConfigDict:
 
 def get_export_config() -> ml_collections.ConfigDict:
   """Mode 'export': the workdir's trained model (or train.arch with fresh weights when there is
-  none) to <workdir>/export, each file checked against the JAX model (hournas_jax/export.py)."""
+  none) to <workdir>/export, each file checked against the JAX model (hournas_jax/export/)."""
   e = ml_collections.ConfigDict()
   e.formats = 'jax,tflite'   # comma-separated: 'jax' (jax.export StableHLO, symbolic batch),
                              # 'tflite' (builtin ops, batch 1), 'onnx' (from the float32 TFLite
@@ -214,7 +215,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.targets.params = 4.8e6
   config.targets.flops = 300e6
   config.targets.latency_ms = 0.0     # predicted latency target (ms); 0.0 = none
-  config.targets.latency_table = ''   # the table to predict it from (JSON, hournas_jax/latency.py)
+  config.targets.latency_table = ''   # the table to predict it from (JSON, hournas_jax/latency/)
 
   config.search = get_search_config()
   config.retrain_after_search = True

@@ -1,7 +1,8 @@
 """HourNAS on the enlarged FBNet space (7x7 kernels added; Table 10: HourNAS-C/D/H), ImageNet.
 
 Targets as HourNAS-C: 4.8M params / 300M FLOPs; HourNAS-D is 5.5M / 400M:
-    --config=configs/fbnet_enlarged.py:d   or  --config.targets.params=5.5e6 --config.targets.flops=400e6
+    --config=configs/fbnet_enlarged.py:d
+    or  --config.targets.params=5.5e6 --config.targets.flops=400e6
 Search and retraining as configs/fbnet.py (FBNet's recipe: SGD, cosine, 360 epochs).
 """
 

@@ -18,7 +18,16 @@ from hournas_jax import arch as arch_lib
 from hournas_jax import checkpoint
 from hournas_jax import costs
 from hournas_jax import logging_utils
+from hournas_jax import population
+from hournas_jax import setup as setup_lib
 from hournas_jax import spaces
+
+
+def check_config(b) -> None:
+  """config.baseline: raises setup.ConfigError naming the field that cannot be used."""
+  setup_lib.check(b.architectures >= 2 and b.seeds >= 1 and b.workers >= 0,
+                  'config.baseline.architectures must be >= 2, baseline.seeds >= 1 and '
+                  'baseline.workers >= 0')
 
 
 def baseline_budget(space: spaces.SearchSpace, targets, ops: Sequence[str]) -> dict:
@@ -31,11 +40,10 @@ def baseline_budget(space: spaces.SearchSpace, targets, ops: Sequence[str]) -> d
   return {'params': float(own[0]), 'flops': float(own[1])}
 
 
-def compare_with_random(setup, ops: Sequence[str]) -> dict:
+def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str]) -> dict:
   """Trains the architecture and config.baseline.architectures random ones of its budget with
   config.baseline.seeds seeds each (population training, resumable in <workdir>/baseline) and
   says where it falls among them and how that compares with the training noise."""
-  from hournas_jax import population  # pylint: disable=g-import-not-at-top
   config, space = setup.config, setup.space
   b = config.baseline
   budget = baseline_budget(space, config.targets, ops)

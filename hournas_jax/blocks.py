@@ -9,6 +9,7 @@ ceil(H / s), as the cost tables assume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 from typing import Any
 
@@ -322,13 +323,22 @@ class Head(nn.Module):
     return logits.astype(jnp.float32)  # the loss and its gradient in float32
 
 
+# The Flax module classes that op kinds name (`op_kinds.OpKind.module`), by class name.
+MODULES = {m.__name__: m for m in (Skip, ConvBN, SepConv, InvertedResidual, Head)}
+
+
 def make_block(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: str,
                dropout_rate: float = 0.0, name: str | None = None,
                dtype=None) -> nn.Module:
   """The module of `op_name` placed in `layer` (`op_kinds.py`); dtype: the activations'
   (`compute_dtype`)."""
   op = space.ops[op_name]
-  return op_kinds.kind(op).build(space, layer, op, dropout_rate, name, dtype)
+  kind = op_kinds.kind(op)
+  module = MODULES[kind.module]
+  args = kind.args(space, layer, op, dropout_rate)
+  if 'dtype' in {f.name for f in dataclasses.fields(module)}:  # skip has no activations to cast
+    args['dtype'] = dtype
+  return module(**args, name=name)
 
 
 def has_shortcut(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: str) -> bool:

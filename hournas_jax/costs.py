@@ -10,6 +10,7 @@ against the built network's parameter count and against XLA's own cost analysis.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Mapping
 
@@ -21,6 +22,8 @@ from hournas_jax import errors, op_kinds, spaces
 RESOURCE_NAMES = ('params', 'FLOPs', 'latency')
 TARGET_KEYS = ('params', 'flops', 'latency_ms')  # the config.targets field of each row
 TOLERANCE = 0.05  # "within the targets": |R_i - T_i| <= 5% of T_i
+# The exact search over a few layers' joint choices scores at most this many at once.
+_CHOICE_CHUNK = 2 ** 20
 
 
 class TargetError(errors.UserError, ValueError):
@@ -53,8 +56,22 @@ class CostTables:
   fixed_latency: float = 0.0
 
   @property
+  def has_latency(self) -> bool:
+    return self.latency is not None
+
+  @property
   def num_resources(self) -> int:
     return 2 if self.latency is None else 3
+
+  @property
+  def resource_names(self) -> tuple[str, ...]:
+    """The name of each row of `stacked` (`RESOURCE_NAMES`, latency only when measured)."""
+    return RESOURCE_NAMES[:self.num_resources]
+
+  @property
+  def target_keys(self) -> tuple[str, ...]:
+    """The config.targets field of each row of `stacked` (`TARGET_KEYS`)."""
+    return TARGET_KEYS[:self.num_resources]
 
   def stacked(self) -> np.ndarray:
     """[R, L, O]: params, FLOPs (and latency), the resource tables of Eqn 5 in that order."""
@@ -70,6 +87,10 @@ class CostTables:
     """[R]: every resource of the architecture given as one op index per searchable layer."""
     rows = np.arange(len(self.layer_names))
     return self.fixed() + self.stacked()[:, rows, np.asarray(op_indices)].sum(-1)
+
+  def named_resources(self, op_indices) -> dict[str, float]:
+    """{target key ('params', 'flops', 'latency_ms'): value} of `resources`."""
+    return {k: float(v) for k, v in zip(self.target_keys, self.resources(op_indices))}
 
   def with_latency(self, latency, fixed_latency: float) -> 'CostTables':
     """These tables with a latency table [L, O] (ms) and the fixed layers' latency."""
@@ -163,6 +184,57 @@ def check_targets(tables, mask, offset, targets, active, space_name: str = 'the 
       raise TargetError(f'{name} target {show(i, t, digits)} is outside what space '
                         f'{space_name} can reach: {show(i, low[i], digits)} to '
                         f'{show(i, high[i], digits)}')
+
+
+def best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
+                          chunk: int = _CHOICE_CHUNK):
+  """The joint choice of a few layers' ops with the highest total log-probability that keeps
+  every active target within reach of the rest of the network; None when no choice does.
+
+  log_probs: [V, O], -inf where an op is not allowed; layer_costs: [R, V, O]; low, high: [R],
+  the range of everything else (fixed layers and the layers still to search); targets, active:
+  [R]. A choice with summed cost c [R] keeps target i within reach when
+  low_i + c_i <= T_i <= high_i + c_i. Feasibility depends on the summed costs alone, so every
+  joint choice is scored exactly (vectorised numpy, `chunk` at a time): the paper's spaces have
+  at most 6 vital layers of 13 ops, 13**6 ~ 4.8M choices. Ties go to the lowest op indices.
+  Returns op indices [V] (a tuple of ints) or None.
+  """
+  log_probs = np.asarray(log_probs, np.float64)
+  active = np.asarray(active, bool)
+  layer_costs = np.asarray(layer_costs, np.float64)[active]
+  targets = np.asarray(targets, np.float64)[active]
+  need_low = targets - np.asarray(high, np.float64)[active]  # c >= T - high
+  need_high = targets - np.asarray(low, np.float64)[active]  # c <= T - low
+  allowed = [np.flatnonzero(np.isfinite(row)) for row in log_probs]
+  # The trailing layers are enumerated as arrays, the leading ones in a Python loop.
+  split, size = len(allowed), 1
+  while split > 0 and size * len(allowed[split - 1]) <= chunk:
+    split -= 1
+    size *= len(allowed[split])
+  inner_score = np.zeros(1)
+  inner_cost = np.zeros((len(targets), 1))
+  for l in range(split, len(allowed)):
+    ops = allowed[l]
+    inner_score = (inner_score[:, None] + log_probs[l, ops][None, :]).reshape(-1)
+    inner_cost = (inner_cost[:, :, None] + layer_costs[:, l, ops][:, None, :]).reshape(
+        len(targets), -1)
+  inner_shape = [len(a) for a in allowed[split:]]
+  best, best_score = None, -np.inf
+  for outer in itertools.product(*allowed[:split]):
+    score = sum(log_probs[l, o] for l, o in enumerate(outer)) + inner_score
+    cost = sum((layer_costs[:, l, o] for l, o in enumerate(outer)),
+               np.zeros(len(targets)))[:, None] + inner_cost
+    ok = np.all((cost >= need_low[:, None]) & (cost <= need_high[:, None]), axis=0)
+    if not ok.any():
+      continue
+    score = np.where(ok, score, -np.inf)
+    k = int(np.argmax(score))
+    if score[k] > best_score:
+      inner = np.unravel_index(k, inner_shape) if inner_shape else ()
+      best_score = score[k]
+      best = tuple(int(o) for o in outer) + tuple(
+          int(allowed[split + j][i]) for j, i in enumerate(inner))
+  return best
 
 
 def restrict_tables(cost_tables: CostTables, fixed: Mapping[int, int] | None = None):

@@ -23,10 +23,23 @@ import numpy as np
 from hournas_jax import analysis
 from hournas_jax import arch as arch_lib
 from hournas_jax import checkpoint, importance, logging_utils, population, retrain
+from hournas_jax import setup as setup_lib
+from hournas_jax import snapshots as snapshots_lib
 
 TRAIN_PHASE = 'train'
 # The sensitivity picture is redrawn at most this often while the grid trains.
 REDRAW_EVERY_S = 20.0
+
+
+def check_config(a) -> None:
+  """config.analysis: raises setup.ConfigError naming the field that cannot be used."""
+  setup_lib.check(a.mask_draws >= 1 and a.seeds >= 1 and a.workers >= 0,
+                  'config.analysis.mask_draws and analysis.seeds must be >= 1 and '
+                  'analysis.workers >= 0')
+  try:
+    importance.parse_probabilities(a.mask_probabilities)
+  except importance.AnalysisError as e:
+    raise setup_lib.ConfigError(f'config.analysis.{e}') from None
 
 
 def _is_primary() -> bool:
@@ -43,19 +56,18 @@ def _write_json(path: str, obj) -> None:
 # The model an analysis looks at.
 
 
-def _requested_ops(setup) -> tuple[str, ...] | None:
+def _requested_ops(setup: setup_lib.Setup) -> tuple[str, ...] | None:
   spec = setup.config.train.arch
   return tuple(arch_lib.resolve(spec, setup.space).ops) if spec else None
 
 
-def trained_model(setup):
+def trained_model(setup: setup_lib.Setup):
   """(trainer, state, meta) of the finished training in <workdir>/train.
 
   With none finished there, trains config.train.arch (or the searched arch.json) first,
   continuing a stopped training. A model of another architecture than
   config.train.arch asks for, or of other data, is refused.
   """
-  from hournas_jax import train  # pylint: disable=g-import-not-at-top
   run_dir = os.path.join(setup.workdir, TRAIN_PHASE)
   requested = _requested_ops(setup)
   if not os.path.exists(retrain.RunPaths(run_dir).results):
@@ -65,7 +77,7 @@ def trained_model(setup):
           f'no trained model in {setup.workdir}: train one there first (--config.mode=train '
           'or search), or set --config.train.arch to a preset, a JSON file or comma-separated '
           'ops to train here')
-    ops = list(requested) if requested is not None else train.resolve_architecture(setup)
+    ops = list(requested) if requested is not None else setup_lib.resolve_architecture(setup)
     retrain.run(setup, run_dir, ops, phase=TRAIN_PHASE)
   trainer, state, meta = retrain.load_model(setup, run_dir, TRAIN_PHASE)
   if requested is not None and tuple(meta['ops']) != requested:
@@ -73,7 +85,7 @@ def trained_model(setup):
         f'the model in {run_dir} is {",".join(meta["ops"])}, but config.train.arch asks for '
         f'{",".join(requested)}; use another workdir, or leave config.train.arch empty to '
         'analyse the model that is there')
-  train.check_model_data(setup, meta, run_dir)
+  setup_lib.check_model_data(setup, meta, run_dir)
   return trainer, state, meta
 
 
@@ -81,7 +93,7 @@ def trained_model(setup):
 # Channel masking (Figure 2).
 
 
-def run_masking(setup) -> dict:
+def run_masking(setup: setup_lib.Setup) -> dict:
   a = setup.config.analysis
   space = setup.space
   block_names = importance.parse_names(
@@ -132,7 +144,7 @@ def masking_text(summary) -> str:
 # Block sensitivity (Appendix A, Figure 4).
 
 
-def sensitivity_members(setup):
+def sensitivity_members(setup: setup_lib.Setup):
   """(grid, members) of the slice config.analysis asks for."""
   a = setup.config.analysis
   space = setup.space
@@ -148,7 +160,7 @@ def sensitivity_members(setup):
   return grid, members
 
 
-def run_sensitivity(setup) -> dict:
+def run_sensitivity(setup: setup_lib.Setup) -> dict:
   grid, members = sensitivity_members(setup)
   directory = os.path.join(setup.workdir, 'sensitivity')
   json_path = os.path.join(setup.workdir, 'sensitivity.json')
@@ -205,7 +217,7 @@ def sensitivity_text(summary) -> str:
 # Saturation (Appendix B, Eqn 7).
 
 
-def run_saturation(setup) -> dict:
+def run_saturation(setup: setup_lib.Setup) -> dict:
   run_dir = os.path.join(setup.workdir, TRAIN_PHASE)
   paths = retrain.RunPaths(run_dir)
   if not os.path.exists(paths.results) and setup.config.train.snapshot_every_epochs <= 0:
@@ -213,7 +225,7 @@ def run_saturation(setup) -> dict:
         'saturation needs weight snapshots: set --config.train.snapshot_every_epochs to a '
         'positive number of epochs (configs/analysis_saturation.py keeps one per epoch)')
   _, _, meta = trained_model(setup)
-  snapshots = retrain.load_snapshots(paths.snapshots)
+  snapshots = snapshots_lib.load(paths.snapshots)
   steps = [s for s, _ in snapshots]
   total = int(meta['total_steps'])
   if not steps or steps[0] != 0 or steps[-1] != total:

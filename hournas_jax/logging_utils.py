@@ -4,18 +4,17 @@ The progress line (stdout, every `log_every_steps`):
     [search/vital] step 120/500 (24%) | 153 img/s | loss 1.234 | acc 0.457 | tau 4.941 | ETA 3m12s
 
 TensorBoard: scalar summaries are written as standard event files
-(`<workdir>/tensorboard/<phase>/events.out.tfevents.*`). The writer below produces the same
-records tf.summary does (TFRecord framing with masked CRC32C around `Event` protos holding
-`Summary.Value.simple_value`), in plain Python: importing TensorFlow costs ~10 s of start-up on a
-2-core machine, which the digits runs (no TF at all) should not pay.
+(`<workdir>/tensorboard/<phase>/events.out.tfevents.*`) by tensorboardX, the records tf.summary
+writes: importing TensorFlow costs ~10 s of start-up on a 2-core machine, which the digits runs
+(no TF at all) should not pay.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Mapping
@@ -95,108 +94,69 @@ def info(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# TensorBoard event files without TensorFlow.
+# TensorBoard event files, written by tensorboardX (no TensorFlow).
 
-
-def _make_crc32c_table():
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  n &= (1 << 64) - 1
-  out = bytearray()
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-def _field(number: int, wire_type: int) -> bytes:
-  return _varint((number << 3) | wire_type)
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-  return _field(number, 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-  """An `Event` proto: wall_time (1, double), step (2, int64), file_version (3, string),
-  summary (5, Summary{value (1): Value{tag (1, string), simple_value (2, float)}})."""
-  out = _field(1, 1) + struct.pack('<d', wall_time) + _field(2, 0) + _varint(int(step))
-  if file_version is not None:
-    out += _length_delimited(3, file_version.encode())
-  if scalars:
-    values = b''
-    for tag, value in scalars.items():
-      value_proto = (_length_delimited(1, tag.encode()) + _field(2, 5)
-                     + struct.pack('<f', float(value)))
-      values += _length_delimited(1, value_proto)
-    out += _length_delimited(5, values)
-  return out
-
-
-def frame_record(data: bytes) -> bytes:
-  """TFRecord framing: length, masked CRC of the length, data, masked CRC of the data."""
-  header = struct.pack('<Q', len(data))
-  return (header + struct.pack('<I', _masked_crc(header)) + data
-          + struct.pack('<I', _masked_crc(data)))
+# Numbers a writer sequences so that two writers of one process on one directory in the same
+# second get different files (tensorboardX opens them for writing, not appending).
+_WRITER_COUNT = itertools.count()
 
 
 class SummaryWriter:
-  """Appends scalar summaries to a TensorBoard event file (process 0 only; others no-op)."""
+  """Writes scalar summaries to a new TensorBoard event file (process 0 only; others no-op).
+
+  Each `scalars` call is on disk when it returns, so TensorBoard follows a run live and a killed
+  run keeps every scalar it logged. That is why this uses tensorboardX's synchronous
+  `EventsWriter` rather than its `SummaryWriter`, which writes from a background thread and
+  flushes every two minutes.
+  """
 
   def __init__(self, logdir: str, enabled: bool = True):
+    """Opens a new event file in `logdir` (created if missing).
+
+    Args:
+      logdir: the directory of the event files, `<workdir>/tensorboard/<phase>`.
+      enabled: False (config.tensorboard) makes every method a no-op and writes nothing.
+    """
     self.logdir = logdir
-    self._file = None
+    self._events = None
     if enabled and jax.process_index() == 0:
+      # Imported here: importing tensorboardX takes ~0.3 s, which runs without TensorBoard
+      # (and every module importing this one for its progress line) should not pay.
+      from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
       os.makedirs(logdir, exist_ok=True)
-      name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
-              '.hournas')
-      self.path = os.path.join(logdir, name)
-      self._file = open(self.path, 'ab')
-      self._file.write(frame_record(encode_event(time.time(), 0,
-                                                 file_version='brain.Event:2')))
-      self._file.flush()
+      self._events = event_file_writer.EventsWriter(
+          os.path.join(logdir, 'events'),
+          filename_suffix=f'.{os.getpid()}.{next(_WRITER_COUNT)}.hournas')
+      self.flush()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    if self._file is None:
+    """Writes the numbers of `values` (tag -> value) as one event at `step`, then flushes.
+
+    Args:
+      step: the global step the values belong to.
+      values: tag -> value; values that are not real numbers (strings, booleans) are skipped.
+    """
+    if self._events is None:
       return
-    finite = {k: float(v) for k, v in values.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if finite:
-      self._file.write(frame_record(encode_event(time.time(), step, scalars=finite)))
-      self._file.flush()
+    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+    summary_values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+                      for tag, value in values.items()
+                      if isinstance(value, numbers.Real) and not isinstance(value, bool)]
+    if summary_values:
+      self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary_pb2.Summary(value=summary_values)))
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes what is buffered to disk."""
+    if self._events is not None:
+      self._events.flush()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
+    """Flushes and closes the event file; later calls do nothing."""
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
   def __enter__(self):
     return self

@@ -140,8 +140,16 @@ def replicate(tree, mesh: Mesh):
   checkpoint). Built with make_array_from_callback, which also works when the mesh spans
   devices of other processes.
   """
-  sharding = replicated(mesh)
+  return place(tree, replicated(mesh))
 
+
+def place(tree, sharding):
+  """Puts every leaf whole (a replicated value) on `sharding`; leaves already there are kept.
+
+  A jitted program compiles once per placement of its inputs: a state that starts on the host
+  while the programs return it replicated over the mesh compiles every program twice. Placing
+  a fresh state where the programs put it keeps that to once.
+  """
   def put(x):
     if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
@@ -151,6 +159,11 @@ def replicate(tree, mesh: Mesh):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def sharding_of(tree):
+  """The sharding of the first device array among `tree`'s leaves; None when there is none."""
+  return next((x.sharding for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)), None)
 
 
 def global_arrays(tree, mesh: Mesh):

@@ -1,12 +1,16 @@
-"""One place per op kind: how a candidate of the kind is built, what it costs, whether its
-output adds its input, and whether it takes part in weight sharing.
+"""One place per op kind: which module a candidate of the kind is and with what arguments, what
+it costs, whether its output adds its input, and whether it takes part in weight sharing.
 
 An op's kind (`spaces.OpSpec.kind`) picks its entry in `KINDS`; a new kind of candidate is one
 new entry here (and its Flax module in `blocks.py`). `costs.op_cost`, `blocks.make_block`,
 `blocks.has_shortcut` and `blocks.shares_kernels` all read this table.
 
+The table is data: it names each kind's module class and computes its constructor's arguments,
+and `blocks.make_block` resolves the name to the class. `blocks` imports this module, so this
+module never imports `blocks`.
+
 Costs are (params, multiply-adds) for one image: parameters are every trainable value of the
-module `build` returns (conv kernels, BatchNorm scales and biases, SE and classifier biases);
+kind's module (conv kernels, BatchNorm scales and biases, SE and classifier biases);
 multiply-adds count convolutions and fully connected layers, the FBNet/MnasNet convention.
 """
 
@@ -27,20 +31,17 @@ def se_channels(in_channels: int, se_ratio: float) -> int:
 class OpKind:
   """What a kind of candidate is.
 
-  cost(layer, op, space) -> (params, multiply-adds); build(space, layer, op, dropout_rate,
-  name, dtype) -> the Flax module (dtype: its activations', None = float32); shortcut(layer): its output is input + residual; shares_kernels(op):
-  it slices a layer's shared kernels under search.weight_sharing='nested'.
+  cost(layer, op, space) -> (params, multiply-adds); module: the name of its Flax module class
+  in `blocks.py`; args(space, layer, op, dropout_rate) -> that class's keyword arguments other
+  than `name` and `dtype` (which `blocks.make_block` passes: the activations' dtype, None =
+  float32, to modules that have the field); shortcut(layer): its output is input + residual;
+  shares_kernels(op): it slices a layer's shared kernels under search.weight_sharing='nested'.
   """
   cost: Callable[[spaces.LayerSpec, spaces.OpSpec, spaces.SearchSpace], tuple[int, int]]
-  build: Callable[..., Any]
+  module: str
+  args: Callable[[spaces.SearchSpace, spaces.LayerSpec, spaces.OpSpec, float], dict[str, Any]]
   shortcut: Callable[[spaces.LayerSpec], bool] = lambda layer: False
   shares_kernels: Callable[[spaces.OpSpec], bool] = lambda op: False
-
-
-def _blocks():
-  # The modules import this table; building one imports them on use.
-  from hournas_jax import blocks  # pylint: disable=g-import-not-at-top
-  return blocks
 
 
 # ----- skip: the identity of a SuperBlock that keeps its shape.
@@ -49,8 +50,8 @@ def _skip_cost(layer, op, space):  # pylint: disable=unused-argument
   return 0, 0
 
 
-def _skip_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
-  return _blocks().Skip(name=name)
+def _skip_args(space, layer, op, dropout_rate):  # pylint: disable=unused-argument
+  return {}
 
 
 # ----- conv: the stem, k x k conv + BatchNorm + activation.
@@ -60,9 +61,9 @@ def _conv_cost(layer, op, space):  # pylint: disable=unused-argument
   return k * k * cin * cout + 2 * cout, k * k * cin * cout * layer.out_resolution ** 2
 
 
-def _conv_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
-  return _blocks().ConvBN(layer.out_channels, op.kernel, layer.stride, space.activation,
-                          dtype=dtype, name=name)
+def _conv_args(space, layer, op, dropout_rate):  # pylint: disable=unused-argument
+  return dict(out_channels=layer.out_channels, kernel=op.kernel, stride=layer.stride,
+              act=space.activation)
 
 
 # ----- sep: depthwise k x k + BN + act, pointwise 1x1 + BN.
@@ -74,9 +75,9 @@ def _sep_cost(layer, op, space):  # pylint: disable=unused-argument
   return params, k * k * cin * hw_out + cin * cout * hw_out
 
 
-def _sep_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
-  return _blocks().SepConv(layer.in_channels, layer.out_channels, op.kernel, layer.stride,
-                           space.activation, dtype=dtype, name=name)
+def _sep_args(space, layer, op, dropout_rate):  # pylint: disable=unused-argument
+  return dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel=op.kernel,
+              stride=layer.stride, act=space.activation)
 
 
 # ----- head: 1x1 conv + BN + act, global pool, (dropout,) classifier with bias.
@@ -87,9 +88,9 @@ def _head_cost(layer, op, space):  # pylint: disable=unused-argument
   return params, cin * cout * layer.in_resolution ** 2 + cout * classes
 
 
-def _head_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
-  return _blocks().Head(layer.out_channels, space.num_classes, space.activation, dropout_rate,
-                        dtype=dtype, name=name)
+def _head_args(space, layer, op, dropout_rate):  # pylint: disable=unused-argument
+  return dict(out_channels=layer.out_channels, num_classes=space.num_classes,
+              act=space.activation, dropout_rate=dropout_rate)
 
 
 # ----- ir: inverted residual, 1x1 expansion (grouped for g2), depthwise k x k, optional SE,
@@ -112,20 +113,21 @@ def _ir_cost(layer, op, space):
   return params, flops
 
 
-def _ir_build(space, layer, op, dropout_rate, name, dtype):  # pylint: disable=unused-argument
+def _ir_args(space, layer, op, dropout_rate):  # pylint: disable=unused-argument
   se = se_channels(layer.in_channels, space.se_ratio) if op.se else 0
-  return _blocks().InvertedResidual(layer.in_channels, layer.out_channels, op.kernel,
-                                    op.expansion, op.groups, layer.stride, se,
-                                    space.activation, dtype=dtype, name=name)
+  return dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel=op.kernel,
+              expansion=op.expansion, groups=op.groups, stride=layer.stride, se_channels=se,
+              act=space.activation)
 
 
 KINDS = {
-    'skip': OpKind(_skip_cost, _skip_build, shortcut=lambda layer: True),
-    'conv': OpKind(_conv_cost, _conv_build),
-    'sep': OpKind(_sep_cost, _sep_build),
-    'head': OpKind(_head_cost, _head_build),
+    'skip': OpKind(_skip_cost, 'Skip', _skip_args, shortcut=lambda layer: True),
+    'conv': OpKind(_conv_cost, 'ConvBN', _conv_args),
+    'sep': OpKind(_sep_cost, 'SepConv', _sep_args),
+    'head': OpKind(_head_cost, 'Head', _head_args),
     # A grouped 1x1 conv is not a slice of a dense one, so g2 ops keep their own weights.
-    'ir': OpKind(_ir_cost, _ir_build, shortcut=lambda layer: layer.keeps_shape,
+    'ir': OpKind(_ir_cost, 'InvertedResidual', _ir_args,
+                 shortcut=lambda layer: layer.keeps_shape,
                  shares_kernels=lambda op: op.groups == 1),
 }
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from hournas_jax import arch as arch_lib
 from hournas_jax import costs, logging_utils, retrain, spaces
+from hournas_jax import setup as setup_lib
 
 FILENAME = 'population.jsonl'
 
@@ -52,7 +53,7 @@ def default_workers(requested: int) -> int:
   return (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1
 
 
-def recipe_fingerprint(setup) -> str:
+def recipe_fingerprint(setup: setup_lib.Setup) -> str:
   """A short hash of everything a member's result depends on besides its ops and seed."""
   space = setup.space
   train = {k: v for k, v in sorted(setup.config.train.to_dict().items())
@@ -112,7 +113,7 @@ class Store:
       os.fsync(f.fileno())
 
 
-def train_member(setup, ops: Sequence[str], seed: int) -> dict:
+def train_member(setup: setup_lib.Setup, ops: Sequence[str], seed: int) -> dict:
   """Trains `ops` from scratch with config.train and training seed `seed`; evaluates it on the
   test split. Returns top1, top5, loss, examples and wall_s (no checkpoints are written)."""
   tcfg = setup.config.train
@@ -138,7 +139,8 @@ def _describe(record: dict) -> str:
           f'{100 * record["top1"]:.2f}% ({record["wall_s"]:.0f} s) {",".join(record["ops"])}')
 
 
-def _train_architecture(setup, recipe: str, members: Sequence[Member]) -> list[dict]:
+def _train_architecture(setup: setup_lib.Setup, recipe: str,
+                        members: Sequence[Member]) -> list[dict]:
   """Records of the members of one architecture (its seeds share the compiled programs)."""
   tables = costs.cost_tables(setup.space)
   out = []
@@ -173,9 +175,8 @@ def exit_with_parent(poll_s: float = 2.0) -> None:
 def _init_worker(config, workdir):
   global _WORKER_SETUP
   exit_with_parent()
-  from hournas_jax import train  # pylint: disable=g-import-not-at-top
-  train.configure_jax(config)
-  _WORKER_SETUP = train.resolve_setup(config, workdir)
+  setup_lib.configure_jax(config)
+  _WORKER_SETUP = setup_lib.resolve_setup(config, workdir)
 
 
 def _worker_task(args):
@@ -219,8 +220,8 @@ def worker_pool(config, workdir: str, workers: int):
       del os.environ['XLA_FLAGS']
 
 
-def train_population(setup, members: Iterable[Member], directory: str, *, workers: int = 1,
-                     log_prefix: str = '[population]',
+def train_population(setup: setup_lib.Setup, members: Iterable[Member], directory: str, *,
+                     workers: int = 1, log_prefix: str = '[population]',
                      on_record: Callable[[dict], None] | None = None) -> list[dict]:
   """Trains every member not yet in <directory>/population.jsonl; returns the records of all
   `members` (finished earlier or now), in order.

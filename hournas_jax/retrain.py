@@ -28,7 +28,6 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from hournas_jax import checkpoint
@@ -37,6 +36,8 @@ from hournas_jax import errors
 from hournas_jax import logging_utils
 from hournas_jax import loop
 from hournas_jax import mesh as mesh_lib
+from hournas_jax import setup as setup_lib
+from hournas_jax import snapshots
 from hournas_jax import blocks, optim, spaces, supernet
 
 
@@ -48,6 +49,32 @@ OPTIMIZERS = ('sgd', 'rmsprop', 'adamw')
 SCHEDULES = ('cosine', 'exponential', 'constant')
 
 
+def check_config(t) -> None:
+  """config.train: raises setup.ConfigError naming the first field that cannot be used."""
+  check, finite = setup_lib.check, setup_lib.finite
+  check(t.precision in blocks.PRECISIONS, f'config.train.precision must be one of '
+        f'{", ".join(blocks.PRECISIONS)}, got {t.precision!r}')
+  check(t.optimizer in OPTIMIZERS, f'config.train.optimizer must be one of '
+        f'{", ".join(OPTIMIZERS)}, got {t.optimizer!r}')
+  check(t.schedule in SCHEDULES, f'config.train.schedule must be one of '
+        f'{", ".join(SCHEDULES)}, got {t.schedule!r}')
+  check(t.lr_scaling in ('linear', 'none'), "config.train.lr_scaling must be 'linear' or "
+        f"'none', got {t.lr_scaling!r}")
+  check(t.batch_size > 0 and t.eval_batch_size > 0,
+        'config.train.batch_size and eval_batch_size must be positive')
+  check(t.epochs >= 0 and t.steps >= 0 and (t.epochs > 0 or t.steps > 0),
+        'config.train.epochs or config.train.steps must be positive')
+  check(finite(t.learning_rate) and t.learning_rate > 0,
+        'config.train.learning_rate must be positive')
+  check(0 <= t.label_smoothing < 1, 'config.train.label_smoothing must be in [0, 1)')
+  check(0 <= t.dropout_rate < 1, 'config.train.dropout_rate must be in [0, 1)')
+  check(0 <= t.ema_decay < 1, 'config.train.ema_decay must be in [0, 1)')
+  check(t.warmup_epochs >= 0 and t.decay_epochs > 0,
+        'config.train.warmup_epochs must be >= 0 and decay_epochs > 0')
+  check(finite(t.snapshot_every_epochs) and t.snapshot_every_epochs >= 0,
+        'config.train.snapshot_every_epochs must be >= 0 (0 = no weight snapshots)')
+
+
 def peak_learning_rate(tcfg) -> float:
   scale = tcfg.batch_size / 256 if tcfg.lr_scaling == 'linear' else 1.0
   return float(tcfg.learning_rate) * scale
@@ -55,13 +82,14 @@ def peak_learning_rate(tcfg) -> float:
 
 def make_schedule(tcfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   peak = peak_learning_rate(tcfg)
-  warmup = min(int(round(tcfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  warmup = min(setup_lib.steps(steps_per_epoch, epochs=tcfg.warmup_epochs, at_least=0),
+               max(total_steps - 1, 0))
   rest = max(total_steps - warmup, 1)
   if tcfg.schedule == 'cosine':
     main = optax.cosine_decay_schedule(peak, decay_steps=rest, alpha=0.0)
   elif tcfg.schedule == 'exponential':
     main = optax.exponential_decay(
-        peak, transition_steps=max(1, int(round(tcfg.decay_epochs * steps_per_epoch))),
+        peak, transition_steps=setup_lib.steps(steps_per_epoch, epochs=tcfg.decay_epochs),
         decay_rate=tcfg.decay_rate, staircase=True)
   elif tcfg.schedule == 'constant':
     main = optax.constant_schedule(peak)
@@ -154,10 +182,13 @@ class Retrainer:
 
   def init(self) -> dict:
     """The initial state, replicated over the mesh (values from `SuperNet.init_all`)."""
-    variables = self.net.init_all(self.seed, self.image_shape)
-    variables = jax.tree.map(jnp.asarray, variables)
-    state = jax.jit(self._state_from_variables)(variables)
-    return mesh_lib.replicate(state, self.mesh)
+    # Host values go to the mesh by transfer alone: jnp.asarray of a numpy array compiles an
+    # identity program per shape (tens of compiles before the first step). The state built
+    # from them comes out replicated, the sharding the training step takes and returns, so
+    # the step compiles once.
+    variables = mesh_lib.replicate(self.net.init_all(self.seed, self.image_shape), self.mesh)
+    return jax.jit(self._state_from_variables,
+                   out_shardings=mesh_lib.replicated(self.mesh))(variables)
 
   def abstract_state(self) -> dict:
     shapes = jax.eval_shape(lambda: self.net.init(
@@ -242,53 +273,12 @@ class RunPaths:
     return os.path.join(self.run_dir, 'snapshots')
 
 
-# --------------------------------------------------------------------------------------------
-# Weight snapshots (config.train.snapshot_every_epochs), for the saturation curves of Eqn 7.
-
-
-def snapshot_interval(tcfg, steps_per_epoch: int) -> int:
-  """Steps between weight snapshots; 0 = none are kept."""
-  every = float(tcfg.get('snapshot_every_epochs', 0.0))
-  return max(1, int(round(every * steps_per_epoch))) if every > 0 else 0
-
-
-def save_snapshot(directory: str, step: int, params) -> None:
-  """The parameters at `step` as <directory>/step_<step>.npz (written whole or not at all)."""
-  if jax.process_index() != 0:
-    return
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  flat = traverse_util.flatten_dict(mesh_lib.to_host(params), sep='/')
-  path = os.path.join(directory, f'step_{step:09d}.npz')
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
-  os.replace(tmp, path)
-
-
-def load_snapshots(directory: str) -> list[tuple[int, dict]]:
-  """[(step, params tree)] of every snapshot in `directory`, in step order."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(directory):
-    return []
-  out = []
-  for name in sorted(os.listdir(directory)):
-    if not (name.startswith('step_') and name.endswith('.npz')):
-      continue
-    with np.load(os.path.join(directory, name)) as arrays:
-      flat = {k: arrays[k] for k in arrays.files}
-    out.append((int(name[len('step_'):-len('.npz')]),
-                traverse_util.unflatten_dict(flat, sep='/')))
-  return out
-
-
 def total_steps(tcfg, steps_per_epoch: int) -> int:
-  if tcfg.steps > 0:
-    return int(tcfg.steps)
-  return max(1, int(round(tcfg.epochs * steps_per_epoch)))
+  """The training's length in steps (config.train.steps, else its epochs)."""
+  return setup_lib.steps(steps_per_epoch, epochs=tcfg.epochs, steps=tcfg.steps)
 
 
-def model_meta(setup, ops, total: int, phase: str, steps_per_epoch: int) -> dict:
+def model_meta(setup: setup_lib.Setup, ops, total: int, phase: str, steps_per_epoch: int) -> dict:
   """What a saved model needs besides its arrays to be rebuilt and evaluated."""
   space = setup.space
   return {'kind': 'retrain', 'phase': phase, 'space': space.name, 'width': space.width,
@@ -302,7 +292,7 @@ def model_meta(setup, ops, total: int, phase: str, steps_per_epoch: int) -> dict
           'train': setup.config.train.to_dict()}
 
 
-def fingerprint(setup, ops) -> dict:
+def fingerprint(setup: setup_lib.Setup, ops) -> dict:
   """The fields a retraining run's results depend on (checked when a workdir is reused)."""
   config = setup.config
   return {'space': setup.space.name, 'width': setup.space.width, 'dataset': setup.dataset,
@@ -318,11 +308,11 @@ def fingerprint(setup, ops) -> dict:
 NOT_IN_FINGERPRINT = ('arch', 'eval_batch_size', 'eval_every_steps', 'snapshot_every_epochs')
 
 
-def eval_batches(setup, batch_size: int):
+def eval_batches(setup: setup_lib.Setup, batch_size: int):
   return setup.batches('eval', batch_size, seed=0, train=False)
 
 
-def run(setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dict:
+def run(setup: setup_lib.Setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dict:
   """Trains `ops` from scratch (or continues the run in `run_dir`) and evaluates it.
 
   Returns the results dict also written to <run_dir>/results.json.
@@ -346,8 +336,8 @@ def run(setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dic
     latest = ckpt.latest_step()
     if latest is None:
       state = trainer.init()
-      if snapshot_interval(tcfg, steps_per_epoch):
-        save_snapshot(paths.snapshots, 0, state['params'])
+      if snapshots.interval(tcfg, steps_per_epoch):
+        snapshots.save(paths.snapshots, 0, state['params'])
       logging_utils.info(f'[{phase}] training {setup.space.name} from scratch: {total} steps '
                          f'({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}), batch '
                          f'{tcfg.batch_size}, on {mesh_lib.describe(setup.mesh)}')
@@ -373,13 +363,13 @@ def run(setup, run_dir: str, ops: Sequence[str], *, phase: str = 'train') -> dic
   return results
 
 
-def _train_loop(setup, trainer, state, step, total, ckpt, meta, phase, paths, last_good,
-                writer):
+def _train_loop(setup: setup_lib.Setup, trainer, state, step, total, ckpt, meta, phase, paths,
+                last_good, writer):
   config = setup.config
   tcfg = config.train
   batches = setup.batches('train', tcfg.batch_size, seed=config.seed, start_step=step)
   eval_every = max(0, tcfg.eval_every_steps)
-  snapshot_every = snapshot_interval(tcfg, trainer.steps_per_epoch)
+  snapshot_every = snapshots.interval(tcfg, trainer.steps_per_epoch)
 
   def step_fn(state):
     state, metrics = trainer.train_step(state, next(batches))
@@ -387,7 +377,7 @@ def _train_loop(setup, trainer, state, step, total, ckpt, meta, phase, paths, la
 
   def after_step(step, state, boundary):  # pylint: disable=unused-argument
     if snapshot_every and (step % snapshot_every == 0 or step == total):
-      save_snapshot(paths.snapshots, step, state['params'])
+      snapshots.save(paths.snapshots, step, state['params'])
     if eval_every and step % eval_every == 0 and step < total:
       results = trainer.evaluate(state, eval_batches(setup, tcfg.eval_batch_size))
       logging_utils.info(f'[{phase}] step {step}: eval top-1 {100 * results["top1"]:.2f}%')
@@ -407,7 +397,7 @@ def _train_loop(setup, trainer, state, step, total, ckpt, meta, phase, paths, la
                   after_step=after_step)
 
 
-def load_model(setup, run_dir: str, phase: str = 'train'):
+def load_model(setup: setup_lib.Setup, run_dir: str, phase: str = 'train'):
   """(trainer, state, meta) of the latest checkpoint in `run_dir` (for 'eval' mode)."""
   paths = RunPaths(run_dir)
   if not os.path.isdir(paths.checkpoints):

@@ -17,13 +17,11 @@ vital rows of one space proposal fitted to the targets over every layer. `search
 holds theta / Theta / pi still for that share of each stage's weight steps (the D_val batches
 are passed over), so the weights learn under the initial sampling first.
 
-Schedule (`search.schedule`): 'interleaved' takes one D_val architecture step after every
-`val_every` D_tr weight steps; 'epoch' is Algorithm 1 as written: each epoch, a full pass of
-weight steps over D_tr, then a full pass of architecture steps over D_val. Either way a stage's
-length is its number of weight steps (vital_steps / nonvital_steps); with 'epoch' the stage ends
-after the architecture pass that follows its last weight pass, a partial last epoch getting a
-proportional pass (at least one step). One `train_step` is one iteration, and tau decays once
-an iteration. `batches_needed` tells the caller which batches the next iteration takes.
+Schedule (`search.schedule`, `search_schedule.py`): 'interleaved' takes one D_val architecture
+step after every `val_every` D_tr weight steps; 'epoch' is Algorithm 1 as written (a pass over
+D_tr, then one over D_val, each epoch). A stage's length is its number of weight steps
+(vital_steps / nonvital_steps). One `train_step` is one iteration, and tau decays once an
+iteration. `batches_needed` tells the caller which batches the next iteration takes.
 
 Temperature (`search.temperature`): 'logits' samples from softmax(theta / tau); 'relaxed'
 samples argmax(theta + g) and lets tau act only in the straight-through relaxation (see
@@ -49,19 +47,19 @@ Ablations are configuration: `vital_priority=False` searches every layer in one 
 weights instead of one sampled path (HourNAS-I); `num_proposals` is m.
 
 The stages themselves (their layers, architecture parameters, samplers, resource terms and
-results) are objects in `stages.py`; the searcher owns the schedule and the state, and trains
-through whichever engine (`engines.py`) config search.engine names, without asking which.
+results) are objects in `stages.py`, reading the search's problem (`search_problem.py`: space,
+cost tables, targets); the searcher owns the schedule and the state, and trains through the
+engines its engine factory builds (by default the one config search.engine names, `engines/`),
+without asking which. `check_config` checks config.search once, before anything is built.
 
-The state (`SearchState`) is arrays in a pytree plus JSON-able meta (stage, vital ops, counters,
-seed), so the driver checkpoints and resumes it at any step; every random draw is keyed by
-(seed, step), and which batches a step takes follows from the counters, so a resumed run is the
-uninterrupted one.
+The state (`SearchState`, `search_state.py`) is arrays in a pytree plus JSON-able meta (stage,
+vital ops, counters, seed), so the driver checkpoints and resumes it at any step; every random
+draw is keyed by (seed, step), and which batches a step takes follows from the counters, so a
+resumed run is the uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -69,94 +67,52 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hournas_jax import (arch as arch_lib, blocks, costs, engines, errors, proposals, sampling,
-                         spaces, stages, vital)
+from hournas_jax import (arch as arch_lib, blocks, costs, engines, mesh as mesh_lib, search_config,
+                         search_problem, search_schedule, search_state, spaces, stages)
 
-STAGES = ('vital', 'nonvital', 'done')
-# 'none': every candidate owns its weights (the paper, FBNet); 'nested': a layer's candidates
-# share kernels, smaller ones being slices of the largest (blocks.SharedKernels).
-WEIGHT_SHARING = ('none', 'nested')
-SCHEDULES = ('interleaved', 'epoch')
-TEMPERATURES = sampling.TAU_MODES
-# How the architecture parameters get their gradient from the D_val loss: 'straight_through'
-# (the paper: d loss / d A through the straight-through sample) or 'reinforce' (score function).
-ARCH_GRADIENTS = ('straight_through', 'reinforce')
-VITAL_INITS = ('uniform', 'targets')
-SAMPLERS = tuple(engines.DEFAULT_ENGINE)
-COUNTERS = ('step', 'tr_step', 'val_step', 'stage_step')
+# The search's error, state and problem, where a caller of the search finds them.
+SearchError = search_problem.SearchError
+SearchState = search_state.SearchState
+STAGES = search_state.STAGES
+COUNTERS = search_state.COUNTERS
 
-
-class SearchError(errors.UserError, ValueError):
-  """A search that cannot run (impossible targets, bad settings) or go on."""
+# The values config.search's fields may take, and its check.
+WEIGHT_SHARING = search_config.WEIGHT_SHARING
+SCHEDULES = search_config.SCHEDULES
+TEMPERATURES = search_config.TEMPERATURES
+ARCH_GRADIENTS = search_config.ARCH_GRADIENTS
+VITAL_INITS = search_config.VITAL_INITS
+SAMPLERS = search_config.SAMPLERS
+check_config = search_config.check_config
 
 
-def _cosine(base_lr, step, total):
-  return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+def config_engine_factory(space: spaces.SearchSpace, cfg) -> engines.EngineFactory:
+  """The engines config.search (`cfg`) names (search.engine, or the sampler's default), built
+  with its momentum, weight decay, weight sharing and precision."""
+  engine_class = engines.engine_class(cfg.engine, cfg.sampler)
+  dtype = blocks.compute_dtype(cfg.precision)
+
+  def build(layer_ops):
+    return engine_class(space, layer_ops, momentum=float(cfg.momentum),
+                        weight_decay=float(cfg.weight_decay),
+                        weight_sharing=cfg.weight_sharing == 'nested', dtype=dtype)
+  return build
 
 
-# --------------------------------------------------------------------------------------------
-# State.
+
+def _step_key(key_data, step, purpose: int):
+  """The PRNG key of one draw of iteration `step` (purpose 0: the weight step's sample, 1: the
+  architecture step's, 2: the proposal samples of the report); pure, so that a fused
+  iteration derives the key the chained one does."""
+  key = jax.random.wrap_key_data(jnp.asarray(key_data))
+  return jax.random.fold_in(jax.random.fold_in(key, step), purpose)
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchState:
-  """The whole search state: arrays (`arrays()`, a pytree) and JSON-able meta (`meta()`).
-
-  weights: the stage's SuperNet state {'params', 'batch_stats', 'opt_state'} ({layer: {op}});
-  arch / arch_opt: the stage's architecture parameters ({'theta'} in the vital stage,
-  {'thetas', 'pi'} after it) and their Adam state; key: the run's PRNG key data;
-  arch_baseline: the REINFORCE baseline (None with straight-through gradients);
-  stage, vital_ops ({layer: op} fixed by stage 1), theta_vital (stage 1's final theta, kept for
-  the report), counters {step, tr_step, val_step, stage_step} and the seed.
-  """
-  weights: Any
-  arch: Any
-  arch_opt: Any
-  key: Any
-  stage: str
-  counters: Mapping[str, int]
-  seed: int
-  vital_ops: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  theta_vital: list | None = None
-  arch_baseline: Any = None
-
-  @property
-  def step(self) -> int:
-    return int(self.counters['step'])
-
-  def replace(self, **changes) -> 'SearchState':
-    return dataclasses.replace(self, **changes)
-
-  def arrays(self) -> dict:
-    out = {'weights': self.weights, 'arch': self.arch, 'arch_opt': self.arch_opt,
-           'key': self.key}
-    if self.arch_baseline is not None:
-      out['arch_baseline'] = self.arch_baseline
-    return out
-
-  def meta(self) -> dict:
-    """The JSON side of a checkpoint."""
-    stage = {'stage': self.stage, 'vital_ops': dict(self.vital_ops)}
-    if self.theta_vital is not None:
-      stage['theta_vital'] = self.theta_vital
-    return {'meta': stage, 'counters': {k: int(self.counters[k]) for k in COUNTERS},
-            'seed': int(self.seed)}
-
-  @classmethod
-  def from_parts(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> 'SearchState':
-    """The state saved as `arrays` and `meta` (see `arrays` and `meta`)."""
-    stage = meta['meta']
-    return cls(weights=arrays['weights'], arch=arrays['arch'], arch_opt=arrays['arch_opt'],
-               key=arrays['key'], arch_baseline=arrays.get('arch_baseline'),
-               stage=stage['stage'], vital_ops=dict(stage.get('vital_ops') or {}),
-               theta_vital=stage.get('theta_vital'),
-               counters={k: int(meta['counters'][k]) for k in COUNTERS},
-               seed=int(meta['seed']))
-
-
-# --------------------------------------------------------------------------------------------
-# The searcher.
-
+def _placed(state: SearchState, sharding) -> SearchState:
+  """`state` with every array on `sharding` (None: as it is)."""
+  if sharding is None:
+    return state
+  return state.replace(**mesh_lib.place(state.arrays(), sharding))
 
 class Searcher:
   """Runs Algorithm 1 one iteration at a time; the caller owns data, checkpoints and logging.
@@ -168,102 +124,34 @@ class Searcher:
 
   def __init__(self, space: spaces.SearchSpace, cfg, targets, image_shape, vital_steps: int,
                nonvital_steps: int, tr_steps_per_epoch: int = 0, val_steps_per_epoch: int = 0,
-               tables: costs.CostTables | None = None):
-    """targets: .params, .flops (and .latency_ms, which needs `tables` with latency); 0 = no
-    target. tables: the space's cost tables, `costs.cost_tables(space)` when None."""
+               tables: costs.CostTables | None = None,
+               engine_factory: engines.EngineFactory | None = None):
+    """cfg: config.search, checked by `check_config`. targets: config.targets (.params,
+    .flops, .latency_ms; 0 = no target; latency needs `tables` with latency). tables: the
+    space's cost tables, `costs.cost_tables(space)` when None. engine_factory: builds the
+    engine of a stage's SuperNet (called once per set of layer ops); None = the engine the
+    config names (`config_engine_factory`)."""
     self.space = space
-    self.cfg = cfg
     self.image_shape = tuple(image_shape)
-    self.vital_priority = bool(cfg.vital_priority)
-    self.stage_steps = {'vital': int(vital_steps) if self.vital_priority else 0,
-                        'nonvital': int(nonvital_steps)}
-    self.sampler = cfg.sampler
-    choose = lambda key, allowed, default: self._choice(cfg, key, allowed, default)
-    choose('sampler', SAMPLERS, None)
-    self.weight_sharing = choose('weight_sharing', WEIGHT_SHARING, 'none') == 'nested'
-    self.schedule = choose('schedule', SCHEDULES, 'interleaved')
-    self.tau_mode = choose('temperature', TEMPERATURES, 'logits')
-    self.arch_gradient = choose('arch_gradient', ARCH_GRADIENTS, 'straight_through')
-    self.vital_init = choose('vital_init', VITAL_INITS, 'uniform')
-    self.dtype = blocks.compute_dtype(choose('precision', blocks.PRECISIONS, 'float32'))
-    try:
-      self.engine_class = engines.engine_class(cfg.get('engine', ''), self.sampler)
-    except ValueError as e:
-      raise SearchError(str(e)) from None
-    self.reinforce = self.arch_gradient == 'reinforce'
-    if self.reinforce and self.engine_class.runs != 'path':
-      raise SearchError(f"search.arch_gradient 'reinforce' needs search.sampler 'gumbel_max' (a "
-                        f"sampled path), got {cfg.sampler!r}; use 'straight_through' with it")
-    self.steps_per_epoch = (int(tr_steps_per_epoch), int(val_steps_per_epoch))
-    if self.schedule == 'epoch' and min(self.steps_per_epoch) < 1:
+    if cfg.schedule == 'epoch' and min(tr_steps_per_epoch, val_steps_per_epoch) < 1:
       raise SearchError(f"search.schedule 'epoch' needs at least one step per epoch of D_tr and "
-                        f'of D_val, got {self.steps_per_epoch[0]} and {self.steps_per_epoch[1]}')
-    if int(cfg.num_proposals) < 1:
-      raise SearchError(f'search.num_proposals must be >= 1, got {cfg.num_proposals}')
-    self.arch_warmup = float(cfg.get('arch_warmup', 0.0))
-    if not 0.0 <= self.arch_warmup < 1.0:
-      raise SearchError(f'search.arch_warmup must be in [0, 1), got {self.arch_warmup}')
-    self.val_every = int(cfg.val_every) or 4  # 80/20 split: one D_val batch per 4 D_tr batches
+                        f'of D_val, got {tr_steps_per_epoch} and {val_steps_per_epoch}')
+    self.schedule = search_schedule.Schedule.from_config(
+        cfg, vital_steps, nonvital_steps, (tr_steps_per_epoch, val_steps_per_epoch))
+    # Refuses impossible targets before any training.
+    self.problem = search_problem.build(space, cfg, targets, tables)
+    self.reinforce = cfg.arch_gradient == 'reinforce'
     self.arch_tx = optax.adam(float(cfg.arch_lr))
-    self._engines, self._stages = {}, {}
-
-    # The cost tables, the targets, and what the layers other than the vital ones can add.
-    self.tables = costs.cost_tables(space) if tables is None else tables
-    self.mask = space.op_mask()
-    self.fixed_ops = dict(space.supernet_fixed)
-    self.vital_names = tuple(n for n in vital.vital_layers(space) if n not in self.fixed_ops)
-    self.vital_rows = [space.searchable_names.index(n) for n in self.vital_names]
-    target_values = [float(targets.get(key, 0.0) or 0.0) for key in costs.TARGET_KEYS]
-    if target_values[2] > 0 and self.tables.latency is None:
-      raise SearchError('targets.latency_ms needs a latency table (targets.latency_table)')
-    target_values = target_values[:self.tables.num_resources]
-    self.active = np.array([t > 0 for t in target_values])
-    if not self.active.any():
-      raise SearchError('set at least one of targets.params, targets.flops and '
-                        'targets.latency_ms (> 0)')
-    self.targets = np.array(target_values)
-    # Refuse impossible targets before any training.
-    free, tables, mask, offset = costs.restrict_tables(self.tables, self.fixed_indices({}))
-    costs.check_targets(tables, mask, offset, self.targets, self.active, space.name)
-    self.maxima = costs.space_maxima(tables, mask, offset)
-    # The vital choice must keep the targets inside what the layers searched after it (and the
-    # fixed ones) can add.
-    others = np.array([l not in self.vital_rows for l in free], bool)
-    self.others_range = costs.reachable_range(tables[:, others], mask[others], offset)
-    if self.vital_priority and self.vital_names:
-      allowed = np.where(self.mask[self.vital_rows], 0.0, -np.inf)
-      if stages.best_reachable_choice(allowed, self.tables.stacked()[:, self.vital_rows],
-                                      *self.others_range, self.targets, self.active) is None:
-        shown = ', '.join(f'{name} {costs.show(i, t, 3)}' for i, (name, t, on) in
-                          enumerate(zip(costs.RESOURCE_NAMES, self.targets, self.active)) if on)
-        raise SearchError(f'no choice of the vital blocks ({", ".join(self.vital_names)}) of '
-                          f'space {space.name} leaves the targets ({shown}) within reach of the '
-                          'other layers, so the vital stage could not end; change the targets '
-                          'or set search.vital_priority=False')
-
-  @staticmethod
-  def _choice(cfg, key: str, allowed, default):
-    value = cfg.get(key, default) if default is not None else cfg[key]
-    if value not in allowed:
-      raise SearchError(f'search.{key} must be one of {", ".join(allowed)}, got {value!r}')
-    return value
+    self._engine_factory = engine_factory or config_engine_factory(space, cfg)
+    self._engines, self._stages, self._fused = {}, {}, {}
 
   # ------------------------------------------------------------------------------------------
   # Stages and engines.
 
-  def fixed_indices(self, vital_ops: Mapping[str, str]) -> dict:
-    """{searchable layer index: op index} of the supernet-fixed layers and `vital_ops`."""
-    fixed = {**self.fixed_ops, **vital_ops}
-    return {self.space.searchable_names.index(n): self.space.op_names.index(op)
-            for n, op in fixed.items()}
-
-  def make_engine(self, layer_ops):
+  def _engine(self, layer_ops):
     """The engine of a stage's SuperNet (one per set of layer ops, shared by stages)."""
     if layer_ops not in self._engines:
-      self._engines[layer_ops] = self.engine_class(
-          self.space, layer_ops, momentum=float(self.cfg.momentum),
-          weight_decay=float(self.cfg.weight_decay), weight_sharing=self.weight_sharing,
-          dtype=self.dtype)
+      self._engines[layer_ops] = self._engine_factory(layer_ops)
     return self._engines[layer_ops]
 
   def stage_of(self, state: SearchState) -> stages.Stage:
@@ -275,44 +163,42 @@ class Searcher:
   def _stage(self, name: str, vital_ops: Mapping[str, str]) -> stages.Stage:
     key = (name, tuple(sorted(vital_ops.items())))
     if key not in self._stages:
-      self._stages[key] = (stages.VitalStage(self) if name == 'vital'
-                           else stages.NonVitalStage(self, vital_ops))
+      self._stages[key] = (
+          stages.VitalStage(self.problem, self._engine, self.arch_tx) if name == 'vital'
+          else stages.NonVitalStage(self.problem, vital_ops, self._engine, self.arch_tx))
     return self._stages[key]
-
-  def fitted_proposals(self, key, tables, mask, offset, num_proposals: int, tau):
-    """m space proposals fitted to the targets (Eqn 5), scaled for this search's sampler at
-    temperature `tau`."""
-    thetas, final_tau = proposals.optimize_proposals(
-        key, tables, mask, offset, self.targets, self.maxima, self.active,
-        num_proposals=int(num_proposals),
-        iterations=int(self.cfg.proposal_iterations) or proposals.DEFAULT_ITERATIONS)
-    if self.tau_mode == 'logits':
-      # The proposals were fitted so that softmax(theta / final_tau) meets the targets; the
-      # search samples at its own tau, so rescale theta to keep theta / tau, and with it the
-      # fitted distribution, as it is at `tau`.
-      return thetas * (tau / float(final_tau))
-    # Samples come from softmax(theta) whatever tau is, so the search's tau must not enter;
-    # theta / final_tau is the fitted distribution itself (final_tau is 1 by default).
-    return thetas / float(final_tau)
 
   # ------------------------------------------------------------------------------------------
   # State.
 
-  def init(self, seed: int) -> SearchState:
+  def init(self, seed: int, mesh=None) -> SearchState:
+    """The state a search starts from.
+
+    Args:
+      seed: seeds the weights, the architecture parameters and every random draw.
+      mesh: the device mesh the search runs on: every array of the state starts replicated
+        over it, where the programs return them, so that each program compiles once (None:
+        the arrays stay where they are made, on the host or the default device).
+
+    Returns:
+      The state of iteration 0.
+    """
     key = jax.random.key_data(jax.random.key(seed))
     counters = {k: 0 for k in COUNTERS}
-    if not self.vital_priority:
+    if not self.problem.vital_priority:
       stage = self._stage('nonvital', {})
       state = SearchState(weights=stage.engine.init(seed, self.image_shape), arch=None,
                           arch_opt=None, key=key, stage='nonvital', counters=counters,
                           seed=seed)
-      return self._start_nonvital(state)
-    stage = self._stage('vital', {})
-    arch = stage.init_arch(seed)
-    return SearchState(weights=stage.engine.init(seed, self.image_shape), arch=arch,
-                       arch_opt=self.arch_tx.init(arch), key=key, stage='vital',
-                       counters=counters, seed=seed,
-                       arch_baseline=stages.no_baseline() if self.reinforce else None)
+      state = self._start_nonvital(state)
+    else:
+      stage = self._stage('vital', {})
+      arch = stage.init_arch(seed, self.schedule.tau_at(0))
+      state = SearchState(weights=stage.engine.init(seed, self.image_shape), arch=arch,
+                          arch_opt=self.arch_tx.init(arch), key=key, stage='vital',
+                          counters=counters, seed=seed,
+                          arch_baseline=stages.no_baseline() if self.reinforce else None)
+    return state if mesh is None else _placed(state, mesh_lib.replicated(mesh))
 
   def template(self, meta: Mapping[str, Any]) -> dict:
     """The abstract arrays of a checkpoint whose JSON side is `meta` (`SearchState.meta`)."""
@@ -328,65 +214,23 @@ class Searcher:
       out['arch_baseline'] = jax.ShapeDtypeStruct((), jnp.float32)
     return out
 
-  def tau_at(self, step: int):
-    """The temperature of the schedule at iteration `step`."""
-    return sampling.temperature(int(step), float(self.cfg.tau0), float(self.cfg.tau_decay))
-
   def tau(self, state: SearchState):
-    return self.tau_at(state.step)
+    """The temperature of the state's iteration."""
+    return self.schedule.tau_at(state.step)
 
   def _key(self, state: SearchState, purpose: int):
-    key = jax.random.wrap_key_data(jnp.asarray(state.key))
-    return jax.random.fold_in(jax.random.fold_in(key, state.step), purpose)
-
-  # ------------------------------------------------------------------------------------------
-  # Schedule.
-
-  def _partial_val_steps(self, weight_steps: int) -> int:
-    """Architecture steps after a partial epoch of `weight_steps`: the same share of D_val."""
-    tr, val = self.steps_per_epoch
-    return max(1, round(weight_steps * val / tr))
-
-  def stage_iterations(self, stage: str) -> int:
-    """Iterations (calls of `train_step`) of a stage."""
-    weight_steps = self.stage_steps[stage]
-    if self.schedule == 'interleaved' or weight_steps == 0:
-      return weight_steps
-    tr, val = self.steps_per_epoch
-    full, rest = divmod(weight_steps, tr)
-    return full * (tr + val) + (rest + self._partial_val_steps(rest) if rest else 0)
+    return _step_key(state.key, state.step, purpose)
 
   @property
   def total_steps(self) -> int:
     """Iterations of the whole search."""
-    return sum(self.stage_iterations(s) for s in ('vital', 'nonvital'))
-
-  def _position(self, stage: str, counters) -> tuple[bool, bool, int]:
-    """(takes a D_tr batch, takes a D_val batch, weight steps taken so far in the stage) of the
-    iteration the counters point at."""
-    i = int(counters['stage_step'])
-    if self.schedule == 'interleaved':
-      return True, (int(counters['tr_step']) + 1) % self.val_every == 0, i
-    tr, val = self.steps_per_epoch
-    full = self.stage_steps[stage] // tr
-    epoch, j = divmod(i, tr + val)
-    weight_steps = tr
-    if epoch >= full:  # the partial last epoch
-      epoch, j = full, i - full * (tr + val)
-      weight_steps = self.stage_steps[stage] - full * tr
-    weight_step = j < weight_steps
-    return weight_step, not weight_step, epoch * tr + min(j, weight_steps)
+    return self.schedule.total_steps
 
   def batches_needed(self, state: SearchState) -> tuple[bool, bool]:
     """(needs a D_tr batch, needs a D_val batch) for the next `train_step`."""
     if state.stage == 'done':
       return False, False
-    return self._position(state.stage, state.counters)[:2]
-
-  def _warming_up(self, stage: str, stage_weight_steps: int) -> bool:
-    """Whether architecture steps still wait (the first arch_warmup share of the stage's
-    weight steps)."""
-    return stage_weight_steps < self.arch_warmup * self.stage_steps[stage]
+    return self.schedule.position(state.stage, state.counters)[:2]
 
   # ------------------------------------------------------------------------------------------
   # Steps.
@@ -400,7 +244,7 @@ class Searcher:
     if state.stage == 'done':
       raise SearchError('the search is done; nothing left to train')
     counters = dict(state.counters)
-    needs_tr, needs_val, stage_weight_steps = self._position(state.stage, counters)
+    needs_tr, needs_val, stage_weight_steps = self.schedule.position(state.stage, counters)
     given = (tr_batch is not None, val_batch is not None)
     if given != (needs_tr, needs_val):
       describe = lambda tr, val: ' and '.join(['a D_tr batch'] * tr + ['a D_val batch'] * val)
@@ -409,43 +253,102 @@ class Searcher:
     stage = self.stage_of(state)
     tau = self.tau(state)
     out = {'tau': float(tau), 'stage': state.stage}
-    weights, arch, arch_opt, baseline = (state.weights, state.arch, state.arch_opt,
-                                         state.arch_baseline)
-
+    lr = self.schedule.weight_lr_at(state.stage, stage_weight_steps) if needs_tr else None
+    # During the warmup the D_val batch is passed over: theta waits for the weights.
+    arch_step = needs_val and not self.schedule.warming_up(state.stage, stage_weight_steps)
+    # An engine that does not say (a stand-in, `engines.Engine`) is run step by step.
+    if getattr(stage.engine, 'fusable', False):
+      program = self._fused_program(stage, needs_tr, arch_step)
+      weights, arch, arch_opt, baseline, metrics = program(
+          state.weights, state.arch, state.arch_opt, state.arch_baseline, state.key, state.step,
+          tau, lr, tr_batch, val_batch if arch_step else None)
+    else:
+      weights, arch, arch_opt, baseline, metrics = self._chained_iteration(
+          state, stage, tau, lr, tr_batch, val_batch if arch_step else None)
+    # Metrics stay on the device: the caller reads them when it reports (a read here would
+    # make the host wait for every step).
+    out.update(metrics)
     if needs_tr:
-      lr = _cosine(float(self.cfg.weight_lr), stage_weight_steps, self.stage_steps[state.stage])
-      idx, a = stage.sample_ops(arch, self._key(state, 0), tau)
-      weights, metrics = stage.engine.train_step(weights, tr_batch,
-                                                 engines.Choice(stage.layers, idx, a), lr)
       counters['tr_step'] += 1
-      # Metrics stay on the device: the caller reads them when it reports (a read here would
-      # make the host wait for every step).
-      out.update(loss=metrics['loss'], accuracy=metrics['accuracy'], lr=lr)
-
-    if needs_val and self._warming_up(state.stage, stage_weight_steps):
-      counters['val_step'] += 1  # the D_val batch is passed over: theta waits for the weights
-    elif needs_val:
-      key = self._key(state, 1)
-      idx, a = stage.sample_ops(arch, key, tau)
-      choice = engines.Choice(stage.layers, idx, a)
-      if self.reinforce:
-        weights, val_metrics = stage.engine.path_loss(weights, val_batch, choice)
-        arch, arch_opt, baseline = stage.update_reinforce(
-            arch, arch_opt, key, tau, jnp.asarray(val_metrics['loss'], jnp.float32), baseline)
-      else:
-        weights, val_metrics, grad_a = stage.engine.arch_grads(weights, val_batch, choice)
-        arch, arch_opt = stage.update(arch, arch_opt, key, tau, grad_a)
+      out['lr'] = lr
+    if needs_val:
       counters['val_step'] += 1
-      out['val_loss'] = val_metrics['loss']
-      out['val_accuracy'] = val_metrics['accuracy']
 
     counters['step'] += 1
     counters['stage_step'] += 1
     state = state.replace(weights=weights, arch=arch, arch_opt=arch_opt, arch_baseline=baseline,
                           counters=counters)
-    if counters['stage_step'] >= self.stage_iterations(state.stage):
+    if counters['stage_step'] >= self.schedule.stage_iterations(state.stage):
       state = self._advance(state)
     return state, out
+
+  def _chained_iteration(self, state: SearchState, stage, tau, lr, tr_batch, val_batch):
+    """An iteration as separate programs from Python: the sampler, the engine's steps, the
+    architecture update (an engine whose steps are not one program: 'single_path').
+
+    Returns:
+      (weights, arch, arch_opt, baseline, metrics {loss, accuracy} of the weight step and
+      {val_loss, val_accuracy} of the architecture step, those taken).
+    """
+    weights, arch, arch_opt, baseline = (state.weights, state.arch, state.arch_opt,
+                                         state.arch_baseline)
+    metrics = {}
+    if tr_batch is not None:
+      idx, a = stage.sample_ops(arch, self._key(state, 0), tau)
+      weights, m = stage.engine.train_step(weights, tr_batch,
+                                           engines.Choice(stage.layers, idx, a), lr)
+      metrics.update(loss=m['loss'], accuracy=m['accuracy'])
+    if val_batch is not None:
+      key = self._key(state, 1)
+      idx, a = stage.sample_ops(arch, key, tau)
+      choice = engines.Choice(stage.layers, idx, a)
+      if self.reinforce:
+        weights, m = stage.engine.path_loss(weights, val_batch, choice)
+        arch, arch_opt, baseline = stage.update_reinforce(
+            arch, arch_opt, key, tau, jnp.asarray(m['loss'], jnp.float32), baseline)
+      else:
+        weights, m, grad_a = stage.engine.arch_grads(weights, val_batch, choice)
+        arch, arch_opt = stage.update(arch, arch_opt, key, tau, grad_a)
+      metrics.update(val_loss=m['loss'], val_accuracy=m['accuracy'])
+    return weights, arch, arch_opt, baseline, metrics
+
+  def _fused_program(self, stage, weight_step: bool, arch_step: bool):
+    """An iteration as one program (an engine whose steps are pure functions: 'switch'): the
+    samples, the weight step and the architecture step, what the chained iteration computes,
+    with nothing between them on the host. One program per stage and kind of iteration.
+
+    Returns:
+      jitted fn(weights, arch, arch_opt, baseline, key data, step, tau, lr, tr_batch,
+      val_batch) -> what `_chained_iteration` returns.
+    """
+    cache_key = (stage, weight_step, arch_step)
+    if cache_key in self._fused:
+      return self._fused[cache_key]
+    train = stage.engine.step_function('train', stage.layers)
+    grads = stage.engine.step_function('loss' if self.reinforce else 'grads', stage.layers)
+
+    def iteration(weights, arch, arch_opt, baseline, key_data, step, tau, lr, tr_batch,
+                  val_batch):
+      metrics = {}
+      if weight_step:
+        idx, _ = stage.sample_stopped(arch, _step_key(key_data, step, 0), tau)
+        weights, m = train(weights, tr_batch['image'], tr_batch['label'], idx, lr)
+        metrics.update(loss=m['loss'], accuracy=m['accuracy'])
+      if arch_step:
+        key = _step_key(key_data, step, 1)
+        idx, _ = stage.sample_stopped(arch, key, tau)
+        if self.reinforce:
+          weights, m = grads(weights, val_batch['image'], val_batch['label'], idx)
+          arch, arch_opt, baseline = stage.arch_update_reinforce(
+              arch, arch_opt, key, tau, jnp.asarray(m['loss'], jnp.float32), baseline)
+        else:
+          weights, m, grad_a = grads(weights, val_batch['image'], val_batch['label'], idx)
+          arch, arch_opt = stage.arch_update(arch, arch_opt, key, tau, grad_a)
+        metrics.update(val_loss=m['loss'], val_accuracy=m['accuracy'])
+      return weights, arch, arch_opt, baseline, metrics
+
+    self._fused[cache_key] = jax.jit(iteration)
+    return self._fused[cache_key]
 
   def _advance(self, state: SearchState) -> SearchState:
     counters = {**state.counters, 'stage_step': 0}
@@ -465,7 +368,11 @@ class Searcher:
         for part in parts:  # ops, and 'shared' kernels
           if part in weights[k].get(layer, {}):
             weights[k][layer][part] = state.weights[k][layer][part]
-    return self._start_nonvital(state.replace(weights=weights))
+    # The fresh weights and the proposals go where the state is (its key never moves: `init`
+    # or a restore put it there); arrays made elsewhere would compile every program of the
+    # stage a second time.
+    return _placed(self._start_nonvital(state.replace(weights=weights)),
+                   mesh_lib.sharding_of(state.key))
 
   def _start_nonvital(self, state: SearchState) -> SearchState:
     """Builds the space proposals for the layers left after the vital stage."""
@@ -491,24 +398,26 @@ class Searcher:
     return self.stage_of(state).architecture(state.arch, state.seed)
 
   def result(self, state: SearchState) -> dict:
+    """The searched architecture and its report: costs, targets and the deviation from them,
+    the vital and fixed ops, theta_vital, pi, the probabilities, the steps taken."""
     architecture = self.architecture(state)
-    values = self.tables.resources(architecture.indices(self.space))
-    params, flops = self.tables.cost(architecture.indices(self.space))
+    tables = self.problem.tables
+    indices = architecture.indices(self.space)
+    resources = tables.named_resources(indices)
+    params, flops = tables.cost(indices)
     pi = np.asarray(jax.nn.softmax(state.arch['pi']))
-    keys = costs.TARGET_KEYS[:len(values)]
+    targets = self.problem.named_targets
     # Relative deviation from each active target: the search does not guarantee the 5%.
-    deviation = {key: (float(value) - float(target)) / float(target)
-                 for key, value, target, on in zip(keys, values, self.targets, self.active)
-                 if on}
-    latency = {} if len(values) < 3 else {'latency_ms': float(values[2])}
+    deviation = {key: (resources[key] - target) / target for key, target in targets.items()
+                 if target is not None}
+    latency = {'latency_ms': resources['latency_ms']} if tables.has_latency else {}
     return {
         **architecture.to_dict(self.space),
         'params': params, 'flops': flops, **latency,
-        'targets': {key: float(target) if on else None
-                    for key, target, on in zip(keys, self.targets, self.active)},
+        'targets': targets,
         'deviation': deviation,
         'vital_ops': dict(state.vital_ops),
-        'fixed_ops': dict(self.fixed_ops),
+        'fixed_ops': dict(self.problem.fixed_ops),
         'theta_vital': state.theta_vital,
         'pi': pi.tolist(), 'proposal': int(np.argmax(pi)),
         'probabilities': self.probabilities(state),

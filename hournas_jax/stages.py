@@ -12,13 +12,15 @@ architecture parameters (the checkpoint template):
   to the targets on the cost tables and pi [m] over them, a two-level sample (Appendix C), and
   the resource term of Eqn 6; it gives the searched architecture (`architecture`).
 
-Each stage compiles its sampler and its architecture update once (`sample_ops`, `update`,
-`update_reinforce`); the searcher (`search.py`) owns the schedule and the state.
+A stage reads the search's problem (`search_problem.SearchProblem`: space, cost tables,
+targets, fixed and vital layers, sampler settings) and is handed its collaborators: a function
+giving the engine of a set of layer ops, and the architecture optimizer. Each stage compiles its
+sampler and its architecture update once (`sample_ops`, `update`, `update_reinforce`); the
+searcher (`search.py`) owns the schedule and the state.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Mapping
 
 import jax
@@ -26,66 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hournas_jax import arch as arch_lib, costs, logging_utils, proposals, sampling, supernet
+from hournas_jax import (arch as arch_lib, costs, logging_utils, proposals, sampling,
+                         search_problem, supernet)
+from hournas_jax.engines import base as engine_base
 
 BASELINE_DECAY = 0.9  # of the REINFORCE baseline's moving average
-# The exact search over the vital blocks' joint choices scores at most this many at once.
-_CHOICE_CHUNK = 2 ** 20
 
 
 class StageError(ValueError):
   """Raised where no choice of the vital blocks keeps the targets within reach."""
-
-
-def best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
-                          chunk: int = _CHOICE_CHUNK):
-  """The joint choice of a few layers' ops with the highest total log-probability that keeps
-  every active target within reach of the rest of the network; None when no choice does.
-
-  log_probs: [V, O], -inf where an op is not allowed; layer_costs: [R, V, O]; low, high: [R],
-  the range of everything else (fixed layers and the layers still to search); targets, active:
-  [R]. A choice with summed cost c [R] keeps target i within reach when
-  low_i + c_i <= T_i <= high_i + c_i. Feasibility depends on the summed costs alone, so every
-  joint choice is scored exactly (vectorised numpy, `chunk` at a time): the paper's spaces have
-  at most 6 vital layers of 13 ops, 13**6 ~ 4.8M choices. Ties go to the lowest op indices.
-  Returns op indices [V] (a tuple of ints) or None.
-  """
-  log_probs = np.asarray(log_probs, np.float64)
-  active = np.asarray(active, bool)
-  layer_costs = np.asarray(layer_costs, np.float64)[active]
-  targets = np.asarray(targets, np.float64)[active]
-  need_low = targets - np.asarray(high, np.float64)[active]  # c >= T - high
-  need_high = targets - np.asarray(low, np.float64)[active]  # c <= T - low
-  allowed = [np.flatnonzero(np.isfinite(row)) for row in log_probs]
-  # The trailing layers are enumerated as arrays, the leading ones in a Python loop.
-  split, size = len(allowed), 1
-  while split > 0 and size * len(allowed[split - 1]) <= chunk:
-    split -= 1
-    size *= len(allowed[split])
-  inner_score = np.zeros(1)
-  inner_cost = np.zeros((len(targets), 1))
-  for l in range(split, len(allowed)):
-    ops = allowed[l]
-    inner_score = (inner_score[:, None] + log_probs[l, ops][None, :]).reshape(-1)
-    inner_cost = (inner_cost[:, :, None] + layer_costs[:, l, ops][:, None, :]).reshape(
-        len(targets), -1)
-  inner_shape = [len(a) for a in allowed[split:]]
-  best, best_score = None, -np.inf
-  for outer in itertools.product(*allowed[:split]):
-    score = sum(log_probs[l, o] for l, o in enumerate(outer)) + inner_score
-    cost = sum((layer_costs[:, l, o] for l, o in enumerate(outer)),
-               np.zeros(len(targets)))[:, None] + inner_cost
-    ok = np.all((cost >= need_low[:, None]) & (cost <= need_high[:, None]), axis=0)
-    if not ok.any():
-      continue
-    score = np.where(ok, score, -np.inf)
-    k = int(np.argmax(score))
-    if score[k] > best_score:
-      inner = np.unravel_index(k, inner_shape) if inner_shape else ()
-      best_score = score[k]
-      best = tuple(int(o) for o in outer) + tuple(
-          int(allowed[split + j][i]) for j, i in enumerate(inner))
-  return best
 
 
 def path_log_prob(theta, idx, tau=1.0, mask=None, tau_mode: str = 'logits'):
@@ -133,26 +84,31 @@ def no_baseline():
 class Stage:
   """What both stages share: the sampled layers, the engine, the compiled sampler and updates.
 
-  `searcher` is the `search.Searcher` the stage belongs to: the space, its cost tables, the
-  targets and the search config come from there.
+  problem: the search's space, costs, targets and settings; frozen: {layer: op} of the
+  searchable layers held at one op; engine_for: the engine of a set of layer ops (shared by the
+  stages that ask for the same); arch_tx: the optimizer of the architecture parameters.
   """
 
   name = ''
   has_resource = False  # whether `resource` adds a term to the architecture loss
 
-  def __init__(self, searcher, frozen: Mapping[str, str]):
-    self.searcher = searcher
-    self.space = searcher.space
-    self.frozen = dict(frozen)  # {layer: op} of the searchable layers held at one op
+  def __init__(self, problem: search_problem.SearchProblem, frozen: Mapping[str, str],
+               engine_for: engine_base.EngineFactory, arch_tx: optax.GradientTransformation):
+    self.problem = problem
+    self.space = problem.space
+    self.frozen = dict(frozen)
+    self.arch_tx = arch_tx
     self.layers = self.choice_layers()
     self.rows = [self.space.searchable_names.index(n) for n in self.layers]
-    self.mask = jnp.asarray(searcher.mask[self.rows])
-    self.engine = searcher.make_engine(self.layer_ops())
-    self.relaxed = searcher.sampler == 'gumbel_softmax'
-    self.tau_mode = searcher.tau_mode
-    self.sample_ops = jax.jit(self._sample_stopped)
-    self.update = jax.jit(self._update)
-    self.update_reinforce = jax.jit(self._update_reinforce)
+    self.mask = jnp.asarray(problem.op_mask[self.rows])
+    self.engine = engine_for(self.layer_ops())
+    self.relaxed = problem.relaxed
+    self.tau_mode = problem.tau_mode
+    # The pure pieces (`sample_stopped`, `arch_update`, `arch_update_reinforce`) compiled alone;
+    # a searcher may instead trace the pure ones into a program of its own.
+    self.sample_ops = jax.jit(self.sample_stopped)
+    self.update = jax.jit(self.arch_update)
+    self.update_reinforce = jax.jit(self.arch_update_reinforce)
 
   # ----- What a stage defines.
 
@@ -185,36 +141,44 @@ class Stage:
     """The theta [L, O] the stage's result comes from."""
     raise NotImplementedError
 
-  # ----- Compiled pieces.
+  # ----- Pure pieces of an iteration (jittable: arrays in, arrays out).
 
-  def _sample_stopped(self, arch, key, tau):
+  def sample_stopped(self, arch, key, tau):
+    """(op indices [L], A [L, O]) of `sample`, A held constant (the engines' input)."""
     idx, a = self.sample(arch, key, tau)
     return idx, jax.lax.stop_gradient(a)
 
-  def _update(self, arch, opt_state, key, tau, grad_a):
-    # grad_a: d cross-entropy / d A from the network (only the sampled entries are non-zero
-    # for Gumbel-Max). The surrogate <A, grad_a> has exactly that gradient with respect to A,
-    # so its gradient with respect to theta (or Theta and pi) is the straight-through one.
+  def arch_update(self, arch, opt_state, key, tau, grad_a):
+    """(arch, opt_state) after one Adam step on the straight-through gradient.
+
+    Args:
+      arch: the architecture parameters; opt_state: their optimizer state.
+      key, tau: those the sample of the step was drawn with (it is drawn again here).
+      grad_a: d cross-entropy / d A [L, O] from the engine.
+    """
+    # Only the sampled entries of grad_a are non-zero for Gumbel-Max. The surrogate
+    # <A, grad_a> has exactly that gradient with respect to A, so its gradient with respect to
+    # theta (or Theta and pi) is the straight-through one.
     def surrogate(arch):
       _, a = self.sample(arch, key, tau)
       loss = jnp.sum(a * grad_a)
       extra = self.resource(a)
       return loss if extra is None else loss + extra
     grads = jax.grad(surrogate)(arch)
-    tx = self.searcher.arch_tx
-    updates, opt_state = tx.update(grads, opt_state, arch)
+    updates, opt_state = self.arch_tx.update(grads, opt_state, arch)
     return optax.apply_updates(arch, updates), opt_state
 
-  def _update_reinforce(self, arch, opt_state, key, tau, loss, baseline):
-    # loss: the D_val cross-entropy of the path sample(arch, key, tau) drew. The estimate
-    # (L - b) * grad log p(A), plus the resource term's straight-through gradient.
+  def arch_update_reinforce(self, arch, opt_state, key, tau, loss, baseline):
+    """(arch, opt_state, next baseline) after one Adam step on the score-function estimate;
+    `loss`: the D_val loss [] of the path drawn with `key` and `tau`."""
+    # The estimate (L - b) * grad log p(A), plus the resource term's straight-through
+    # gradient.
     b, new_baseline = baseline_step(baseline, loss)
     grads = reinforce_grads(lambda p: self.log_prob(p, key, tau), arch, loss, b)
     if self.has_resource:
       grads = jax.tree.map(jnp.add, grads, jax.grad(
           lambda arch: self.resource(self.sample(arch, key, tau)[1]))(arch))
-    tx = self.searcher.arch_tx
-    updates, opt_state = tx.update(grads, opt_state, arch)
+    updates, opt_state = self.arch_tx.update(grads, opt_state, arch)
     return optax.apply_updates(arch, updates), opt_state, new_baseline
 
   # ----- Results.
@@ -232,11 +196,12 @@ class VitalStage(Stage):
 
   name = 'vital'
 
-  def __init__(self, searcher):
-    super().__init__(searcher, searcher.fixed_ops)
+  def __init__(self, problem: search_problem.SearchProblem, engine_for: engine_base.EngineFactory,
+               arch_tx: optax.GradientTransformation):
+    super().__init__(problem, problem.fixed_ops, engine_for, arch_tx)
 
   def choice_layers(self):
-    return self.searcher.vital_names
+    return self.problem.vital_names
 
   def layer_ops(self):
     return supernet.layer_ops(self.space, frozen=self.frozen, vital_only=True)
@@ -258,40 +223,41 @@ class VitalStage(Stage):
   def leading_theta(self, arch):
     return arch['theta']
 
-  def init_arch(self, seed: int) -> dict:
+  def init_arch(self, seed: int, tau) -> dict:
     """theta_vital at the start: uniform (zeros), or with search.vital_init='targets' the vital
-    rows of one space proposal fitted to the targets over every searchable layer, so S_vital
-    first samples the vital ops of architectures that meet the targets, and the cross-entropy
-    moves theta away from there only where it has evidence."""
-    s = self.searcher
+    rows of one space proposal fitted to the targets over every searchable layer (scaled for
+    the search's first temperature `tau`), so S_vital first samples the vital ops of
+    architectures that meet the targets, and the cross-entropy moves theta away from there only
+    where it has evidence."""
+    p = self.problem
     theta = jnp.zeros((len(self.layers), len(self.space.op_names)))
-    if s.vital_init != 'targets' or not self.layers:
+    if p.vital_init != 'targets' or not self.layers:
       return {'theta': theta}
-    free, tables, mask, offset = costs.restrict_tables(s.tables, s.fixed_indices({}))
+    free, tables, mask, offset = costs.restrict_tables(p.tables, p.fixed_indices({}))
     key = jax.random.fold_in(jax.random.key(seed), 2 ** 30)
-    thetas = s.fitted_proposals(key, tables, mask, offset, 1, s.tau_at(0))
+    thetas = p.fitted_proposals(key, tables, mask, offset, 1, tau)
     rows = [int(np.flatnonzero(free == r)[0]) for r in self.rows]
     return {'theta': jnp.where(self.mask, thetas[0, jnp.asarray(rows)], 0.0)}
 
   def reachable_choice(self, log_probs):
     """The most probable joint choice (op indices) that keeps the targets reachable, or None."""
-    s = self.searcher
-    return best_reachable_choice(log_probs, s.tables.stacked()[:, self.rows],
-                                 *s.others_range, s.targets, s.active)
+    p = self.problem
+    return costs.best_reachable_choice(log_probs, p.tables.stacked()[:, self.rows],
+                                       *p.others_range, p.targets, p.active)
 
   def finish(self, theta) -> dict:
     """{vital layer: op}: the most probable joint choice that keeps the targets reachable (the
     per-layer argmax unless that one would strand a target)."""
-    s = self.searcher
+    p = self.problem
     mask = np.asarray(self.mask)
     logits = np.where(mask, np.asarray(theta, np.float64), -np.inf)
     top = logits.max(axis=-1, keepdims=True)
     log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
     per_layer = tuple(int(i) for i in np.argmax(logits, axis=-1))
     rows = np.arange(len(per_layer))
-    cost = s.tables.stacked()[:, self.rows][:, rows, list(per_layer)].sum(axis=-1)
-    low, high = s.others_range
-    keeps = np.all(((low + cost <= s.targets) & (s.targets <= high + cost)) | ~s.active)
+    cost = p.tables.stacked()[:, self.rows][:, rows, list(per_layer)].sum(axis=-1)
+    low, high = p.others_range
+    keeps = np.all(((low + cost <= p.targets) & (p.targets <= high + cost)) | ~p.active)
     choice = per_layer if keeps else self.reachable_choice(log_probs)
     if choice is None:  # refused when the searcher was built; a guard against changed tables
       raise StageError('no choice of the vital blocks leaves the targets within reach')
@@ -309,11 +275,12 @@ class NonVitalStage(Stage):
   name = 'nonvital'
   has_resource = True
 
-  def __init__(self, searcher, vital_ops: Mapping[str, str]):
+  def __init__(self, problem: search_problem.SearchProblem, vital_ops: Mapping[str, str],
+               engine_for: engine_base.EngineFactory, arch_tx: optax.GradientTransformation):
     self.vital_ops = dict(vital_ops)
-    super().__init__(searcher, {**searcher.fixed_ops, **self.vital_ops})
-    _, tables, mask, offset = costs.restrict_tables(searcher.tables,
-                                                    searcher.fixed_indices(self.vital_ops))
+    super().__init__(problem, {**problem.fixed_ops, **self.vital_ops}, engine_for, arch_tx)
+    _, tables, mask, offset = costs.restrict_tables(problem.tables,
+                                                    problem.fixed_indices(self.vital_ops))
     self.tables = (tables, mask, offset)  # numpy, of the stage's layers
     self._resource_tables = (jnp.asarray(tables, jnp.float32),
                              jnp.asarray(offset, jnp.float32))
@@ -340,14 +307,14 @@ class NonVitalStage(Stage):
     return two_level_log_prob(arch['thetas'], arch['pi'], k, idx, tau, self.mask, self.tau_mode)
 
   def resource(self, a):
-    s = self.searcher
+    p = self.problem
     t, offset = self._resource_tables
-    return float(s.cfg.alpha) * proposals.resource_loss(
-        a, t, offset, jnp.asarray(s.targets, jnp.float32), jnp.asarray(s.maxima, jnp.float32),
-        jnp.asarray(s.active))
+    return p.alpha * proposals.resource_loss(
+        a, t, offset, jnp.asarray(p.targets, jnp.float32), jnp.asarray(p.maxima, jnp.float32),
+        jnp.asarray(p.active))
 
   def arch_shapes(self):
-    m = int(self.searcher.cfg.num_proposals)
+    m = self.problem.num_proposals
     return {'thetas': jnp.zeros((m, len(self.layers), len(self.space.op_names))),
             'pi': jnp.zeros((m,))}
 
@@ -356,26 +323,26 @@ class NonVitalStage(Stage):
 
   def init_arch(self, key, tau) -> dict:
     """m space proposals fitted to the targets over the stage's layers, pi uniform."""
-    s = self.searcher
+    p = self.problem
     tables, mask, offset = self.tables
     try:
-      costs.check_targets(tables, mask, offset, s.targets, s.active, self.space.name)
+      costs.check_targets(tables, mask, offset, p.targets, p.active, self.space.name)
     except costs.TargetError as e:
       raise StageError(f'after fixing the vital blocks: {e}') from None
-    m = int(s.cfg.num_proposals)
-    thetas = s.fitted_proposals(key, tables, mask, offset, m, tau)
+    m = p.num_proposals
+    thetas = p.fitted_proposals(key, tables, mask, offset, m, tau)
     return {'thetas': thetas, 'pi': jnp.zeros((m,))}
 
   def architecture(self, arch, seed: int) -> arch_lib.Architecture:
     """The proposal with the highest pi and each layer's most probable op, unless that misses a
     target by more than the tolerance (`within_targets`)."""
-    s = self.searcher
+    tables = self.problem.tables
     theta = np.asarray(self.leading_theta(arch), np.float64)
     best = np.asarray(sampling.argmax_ops(theta, self.mask))
     chosen = dict(self.frozen)
-    frozen_cost = sum((s.tables.stacked()[:, self.space.searchable_names.index(n),
-                                          self.space.op_names.index(o)]
-                       for n, o in chosen.items()), np.zeros(s.tables.num_resources))
+    frozen_cost = sum((tables.stacked()[:, self.space.searchable_names.index(n),
+                                        self.space.op_names.index(o)]
+                       for n, o in chosen.items()), np.zeros(tables.num_resources))
     best = self.within_targets(theta, best, frozen_cost, seed)
     chosen.update({n: self.space.op_names[int(i)] for n, i in zip(self.layers, best)})
     return arch_lib.Architecture(self.space.name,
@@ -387,16 +354,16 @@ class NonVitalStage(Stage):
     when it lies within `tolerance` of every active target; otherwise the most probable of
     `samples` draws from the proposal that does (the mode of a distribution that meets the
     targets need not meet them itself), or the mode when no draw does."""
-    s = self.searcher
-    tables = s.tables.stacked()[:, self.rows]  # [R, L, O]
-    offset = s.tables.fixed() + frozen_cost
-    t = np.where(s.active, s.targets, 1.0)
+    p = self.problem
+    tables = p.tables.stacked()[:, self.rows]  # [R, L, O]
+    offset = p.tables.fixed() + frozen_cost
+    t = np.where(p.active, p.targets, 1.0)
     n = len(self.rows)
 
     def meets(idx):  # idx [k, L] -> [k]
       cost = offset[:, None] + tables[:, np.arange(n), idx].sum(-1)
       return np.all((np.abs(cost - t[:, None]) <= tolerance * t[:, None]) |
-                    ~s.active[:, None], axis=0)
+                    ~p.active[:, None], axis=0)
     if meets(np.asarray(mode)[None])[0]:
       return mode
     logits = np.where(np.asarray(self.mask), theta, -np.inf)

@@ -2,8 +2,9 @@
 
 Variables are laid out as {layer name: {op name: block variables}}, the stem and head included
 (as layers with one op), so a candidate's variables are also exactly those of the stand-alone
-block `blocks.make_block(...)`: the single-path engine (`singlepath.py`) runs candidates one at a
-time on those sub-trees, and a fixed network is the same module with one op per layer.
+block `blocks.make_block(...)`: the single-path engine (`engines/single_path.py`) runs
+candidates one at a time on those sub-trees, and a fixed network is the same module with one op
+per layer.
 
 `SuperNet.__call__` runs either one op per layer (a path; optionally scaled by the
 straight-through gates of the sampled one-hot A, Eqn 3) or, for the Gumbel-softmax ablation and

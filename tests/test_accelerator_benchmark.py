@@ -32,7 +32,8 @@ SMALLEST = ['--tiny', '--skip-pipeline', '--skip-all-candidates', '--engines', '
 
 KEYS = ('engines', 'fixed_img_s', 'all_candidates_img_s', 'pipeline_img_s_per_core',
         'peak_device_mb', 'compile_s', 'host_ms_per_step', 'projected_search_minutes', 'device',
-        'sizes', 'step_ms', 'arch_step_ms', 'search_over_fixed', 'notes')
+        'sizes', 'step_ms', 'arch_step_ms', 'search_over_fixed', 'notes', 'programs_compiled',
+        'fused_iteration', 'auto_engine')
 
 
 def test_smallest_run_reports_every_key(capsys):
@@ -46,8 +47,11 @@ def test_smallest_run_reports_every_key(capsys):
   assert out['engines']['single_path']['float16'] is None
   assert 'single_path/float16' in out['notes']
   assert _number(out['fixed_img_s'])
-  for key in ('step_ms', 'arch_step_ms', 'compile_s', 'host_ms_per_step'):
+  for key in ('step_ms', 'arch_step_ms', 'compile_s', 'host_ms_per_step', 'programs_compiled'):
     assert _number(out[key]['single_path']['float32']), key
+  # The chained engine runs an iteration as several programs; 'auto' picks it on a CPU.
+  assert out['fused_iteration'] == {'single_path': False}
+  assert out['auto_engine'] == 'single_path'
   assert _number(out['compile_s']['fixed']['float32'])
   assert _number(out['search_over_fixed']['single_path']['float32'])
   assert _number(out['projected_search_minutes'])

@@ -1,11 +1,15 @@
 """Convolutions as the blocks run them, and weights shared between a layer's candidates."""
 
+import ast
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hournas_jax import blocks, optim, singlepath, spaces, supernet
+from hournas_jax import blocks, op_kinds, optim, spaces, supernet
+from hournas_jax.engines import single_path
 
 
 def _xla_conv(x, kernel, stride, groups):
@@ -94,7 +98,7 @@ def test_shared_supernet_layout_and_a_candidate_is_its_slice_of_the_largest():
 
 
 def test_a_shared_step_trains_the_kernels_and_only_the_sampled_batchnorm():
-  engine = singlepath.SinglePathEngine(SPACE, supernet.layer_ops(SPACE), weight_sharing=True)
+  engine = single_path.SinglePathEngine(SPACE, supernet.layer_ops(SPACE), weight_sharing=True)
   state = engine.init(0, (12, 12, 3))
   rng = np.random.default_rng(4)
   images = jnp.asarray(rng.standard_normal((4, 12, 12, 3)), jnp.float32)
@@ -129,7 +133,7 @@ def test_a_shared_step_trains_the_kernels_and_only_the_sampled_batchnorm():
 
 
 def test_recalibrated_statistics_are_the_average_batch_statistics():
-  engine = singlepath.SinglePathEngine(SPACE, supernet.layer_ops(SPACE), weight_sharing=True)
+  engine = single_path.SinglePathEngine(SPACE, supernet.layer_ops(SPACE), weight_sharing=True)
   state = engine.init(0, (12, 12, 3))
   rng = np.random.default_rng(5)
   batches = [jnp.asarray(rng.standard_normal((8, 12, 12, 3)), jnp.float32) for _ in range(3)]
@@ -145,3 +149,25 @@ def test_recalibrated_statistics_are_the_average_batch_statistics():
   # Off-path candidates keep their statistics.
   jax.tree.map(np.testing.assert_array_equal, state['batch_stats']['layer1_1']['k3e1'],
                new['batch_stats']['layer1_1']['k3e1'])
+
+
+def test_every_op_kind_builds_the_module_it_names():
+  space = spaces.get_space('mnasnet', resolution=32, num_classes=10, width=0.25)
+  built = set()
+  for layer in space.layers:
+    for op_name in layer.ops:
+      op = space.ops[op_name]
+      module = blocks.MODULES[op_kinds.kind(op).module]
+      assert type(blocks.make_block(space, layer, op_name, name='b')) is module, op_name
+      built.add(op.kind)
+  assert built == set(op_kinds.KINDS)  # mnasnet has a candidate of every kind
+
+
+def test_op_kinds_is_data_that_never_imports_blocks():
+  # blocks imports the table; an import back (even inside a function) would be a circle.
+  tree = ast.parse(pathlib.Path(op_kinds.__file__).read_text())
+  imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+              for alias in node.names}
+  imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+  assert 'blocks' not in imported and 'hournas_jax.blocks' not in imported

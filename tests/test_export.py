@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import quickstart
+from configs import default, quickstart
 from hournas_jax import blocks, errors, export, spaces, train
 from hournas_jax.tools import export as export_tool
 from spaces_for_tests import TOY_TABLE, toy_space
@@ -185,11 +185,40 @@ def test_bad_inputs_raise_export_error(model):
     export.parse_threads('0')
 
 
-def test_missing_onnx_converter_is_one_clear_error(monkeypatch):
+def test_missing_onnx_converter_is_one_clear_error(monkeypatch, model, tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(sys.modules, 'tf2onnx', None)
   with pytest.raises(export.ExportError, match='requirements-export.txt'):
     export.to_onnx(b'')
+  # Before any format is made.
+  with pytest.raises(export.ExportError, match='requirements-export.txt'):
+    export.export_model(model, str(tmp_path / 'out'), formats=('jax', 'onnx'))
+  assert not (tmp_path / 'out').exists()
+
+
+def test_every_format_is_one_entry_of_the_table():
+  assert list(export.FORMATS) == ['jax', 'tflite', 'onnx']  # the order they are made in
+  for name, fmt in export.FORMATS.items():
+    assert isinstance(fmt, export.Format) and fmt.name == name
+  assert export.FORMATS['jax'].filename(None) == 'model.jax_export'
+  assert export.FORMATS['tflite'].filename('int8') == 'model_int8.tflite'
+  assert export.FORMATS['tflite'].precisions is None  # the requested ones
+  assert export.FORMATS['onnx'].precisions == ('float32',)
+
+
+def test_config_section_is_checked_in_one_place():
+  settings = export.check_config(default.get_config().export)
+  assert settings.formats == ['jax', 'tflite'] and settings.threads == [1]
+  for field, value, message in (
+      ('formats', 'jax,coreml', 'config.export.formats must be'),
+      ('tflite_precision', 'int4', 'config.export.tflite_precision must be'),
+      ('threads', '1,0', 'config.export.threads must be'),
+      ('examples', 1, 'config.export.examples must be'),
+      ('repeats', 0, 'repeats >= 1')):
+    ecfg = default.get_config().export
+    ecfg[field] = value
+    with pytest.raises(export.ExportError, match=message):
+      export.check_config(ecfg)
 
 
 def test_onnx_round_trip_when_installed(model, inputs, tflite_float32):
@@ -288,7 +317,8 @@ def test_module_cli_errors_are_one_line(capsys, tmp_path):
 
 
 def test_main_reports_a_bad_export_setting_as_one_line(tmp_path):
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
   result = subprocess.run(
       [sys.executable, 'main.py', '--config=configs/quickstart.py', f'--workdir={tmp_path}',
        '--config.mode=export', '--config.export.formats=jax,coreml'],

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from configs import analysis_masking, analysis_saturation, analysis_sensitivity
+from hournas_jax import setup as setup_lib
+from hournas_jax import snapshots as snapshots_lib
 from hournas_jax import errors, importance, population, retrain, spaces, supernet, train
 from spaces_for_tests import TOY_TABLE, toy_space
 
@@ -197,8 +199,8 @@ def test_masking_reuses_the_model_of_a_workdir(masked_run, tmp_path):
     ({'analysis.blocks': 'layer9_9'}, importance.AnalysisError,
      "unknown block in config.analysis.blocks 'layer9_9'; allowed: stem, layer1_1"),
     ({'analysis.blocks': 'head'}, importance.AnalysisError, 'the head is not masked'),
-    ({'analysis.mask_probabilities': '0.3,1.2'}, train.ConfigError, r'in \[0, 1\]'),
-    ({'analysis.mask_draws': 0}, train.ConfigError, 'mask_draws'),
+    ({'analysis.mask_probabilities': '0.3,1.2'}, setup_lib.ConfigError, r'in \[0, 1\]'),
+    ({'analysis.mask_draws': 0}, setup_lib.ConfigError, 'mask_draws'),
 ])
 def test_bad_masking_input_is_a_reported_error(tmp_path, overrides, error, match):
   with pytest.raises(error, match=match) as raised:
@@ -324,13 +326,13 @@ def test_saturation_mode_keeps_snapshots_and_draws_the_curves(tmp_path):
   config = toy_config(analysis_saturation, **{'train.steps': 0, 'train.epochs': 3.0})
   summary = train.train_and_evaluate(config, str(tmp_path))
   run_dir = tmp_path / 'train'
-  snapshots = retrain.load_snapshots(str(run_dir / 'snapshots'))
+  snapshots = snapshots_lib.load(str(run_dir / 'snapshots'))
   steps_per_epoch = 1437 // 64
   assert [s for s, _ in snapshots] == [0, steps_per_epoch, 2 * steps_per_epoch,
                                       3 * steps_per_epoch]
   assert summary['epochs'] == [0.0, 1.0, 2.0, 3.0]
   # The last snapshot is the trained model.
-  trainer, state, _ = retrain.load_model(train.resolve_setup(config, str(tmp_path)),
+  trainer, state, _ = retrain.load_model(setup_lib.resolve_setup(config, str(tmp_path)),
                                          str(run_dir))
   last = jax.tree.map(np.asarray, state['params'])
   jax.tree.map(np.testing.assert_array_equal, snapshots[-1][1], last)

@@ -1,8 +1,9 @@
 """Tests for latency lookup tables (hournas_jax.latency): the table's format and coverage,
 resuming and refusing, alignment with the cost tables, predictions, the CLI
-(hournas_jax.tools.latency) and the TFLite runtime on one block (skipped only without
-TensorFlow or hournas_jax/export.py). No timing thresholds: timings are figures for
-benchmarks/latency_table.py."""
+(hournas_jax.tools.latency), the TFLite runtime on one block (skipped only without TensorFlow or
+hournas_jax.export) and a search with a latency target. The timing loop, the load figures and
+the correction are in test_latency_quality.py. No thresholds on real timings: timings are
+figures for benchmarks/latency_table.py."""
 
 import json
 import os
@@ -12,40 +13,15 @@ import pytest
 
 from hournas_jax import arch, costs, errors, latency, spaces
 from hournas_jax.tools import latency as latency_tool
+from latency_fakes import RES, CountingRuntime, fake_table, protocol
 from spaces_for_tests import TOY_TABLE, tiny_config, toy_space
-
-RES = 8  # the toy space at 8 px: stem 4x4, layers down to 1x1
-
-
-class CountingRuntime(latency.Runtime):
-  """Returns made-up samples (distinct per input shape and call) and counts the calls."""
-
-  def __init__(self, protocol):
-    super().__init__(protocol)
-    self.calls = 0
-
-  def samples(self, apply_fn, variables, shape, seed=0):
-    self.calls += 1
-    base = 0.01 * self.calls + 1e-4 * int(np.prod(shape))
-    return base + np.array([0.0, 0.001, 0.002, 0.003, 0.1])
-
-
-def protocol(**kw):
-  return latency.Protocol(**{'runtime': 'xla_cpu', 'threads': 1, 'warmup': 0, 'repeats': 3,
-                             **kw})
-
-
-def fake_table(path, space=None, channels=3, **kw):
-  runtime = CountingRuntime(protocol(**kw))
-  table = latency.build_table(space or toy_space(RES), protocol(**kw), str(path),
-                              channels=channels, runtime=runtime, log=open(os.devnull, 'w'))
-  return table, runtime
 
 
 def test_real_xla_table_has_the_documented_format(tmp_path):
   space = toy_space(RES)
   path = tmp_path / 'table.json'
-  table = latency.build_table(space, protocol(repeats=2), str(path), log=open(os.devnull, 'w'))
+  table = latency.build_table(space, protocol(repeats=2, min_sample_ms=1.0, calibration=1),
+                              str(path), log=open(os.devnull, 'w'))
   assert json.loads(path.read_text()) == table
   assert os.listdir(tmp_path) == ['table.json']  # no temporary file left
   assert table['format'] == latency.TABLE_FORMAT
@@ -74,6 +50,18 @@ def test_real_xla_table_has_the_documented_format(tmp_path):
         assert 0 < lo <= med <= hi
   assert table['layers']['stem']['input_shape'] == [1, RES, RES, 3]
   assert table['layers']['layer3_2']['input_shape'] == [1, 1, 1, 24]
+  # One whole network measured for the correction, every layer's op named.
+  (network,) = table['calibration']['networks']
+  assert list(network['layers']) == [l.name for l in space.layers]
+  assert 0 < network['p10'] <= network['median'] <= network['p90']
+  assert set(table['calibration']['scale']) == {'net', 'plain'}
+  # The load and spread figures of the build; a toy block runs well under 1 ms, so each
+  # sample timed several runs.
+  (session,) = table['quality']['sessions']
+  assert session['measurements'] == 1 + 2 + 10 + 1
+  assert session['runs_per_sample'][1] > 1
+  assert 0 < session['cpu_share']['median'] and session['cores'] == os.cpu_count()
+  assert isinstance(table['quality']['busy'], bool)
 
 
 def test_resume_skips_measured_entries(tmp_path):
@@ -129,7 +117,7 @@ def test_refuses_a_table_of_another_protocol(tmp_path, change, monkeypatch):
   path = tmp_path / 't.json'
   fake_table(path)
   before = path.read_text()
-  monkeypatch.setattr(latency, 'device_info', lambda runtime: {'cpu_model': 'same'})
+  monkeypatch.setattr(latency.timing, 'device_info', lambda runtime: {'cpu_model': 'same'})
   fake_table(tmp_path / 'u.json')
   with pytest.raises(latency.LatencyError, match='measured another way') as e:
     fake_table(tmp_path / 'u.json', **change)
@@ -143,7 +131,7 @@ def test_refuses_another_device_or_space_and_overwrite_starts_again(tmp_path, mo
   with pytest.raises(latency.LatencyError, match='measured another way'):
     fake_table(path, space=toy_space(RES, num_classes=5))
   real = latency.device_info
-  monkeypatch.setattr(latency, 'device_info',
+  monkeypatch.setattr(latency.timing, 'device_info',
                       lambda runtime: {**real(runtime), 'cpu_model': 'Another CPU'})
   with pytest.raises(latency.LatencyError, match='cpu_model'):
     fake_table(path)
@@ -253,11 +241,12 @@ def test_cli_builds_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, capsy
   out = str(tmp_path / 't.json')
   monkeypatch.setattr(latency, 'Runtime', CountingRuntime)
   argv = ['--space', 'toy', '--image-size', str(RES), '--runtime', 'xla_cpu', '--threads', '0',
-          '--warmup', '0', '--repeats', '2', '--out', out]
+          '--warmup', '0', '--calibration', '1', '--repeats', '2', '--out', out]
   assert latency_tool.main(argv) == 0
   captured = capsys.readouterr()
   assert '[1/' in captured.err and 'ETA' in captured.err
-  assert 'entries' in captured.out
+  assert 'entries' in captured.out and 'measured under load average 0.2' in captured.out
+  assert 'warning' not in captured.out
   table = json.loads(open(out).read())
   assert table['protocol']['threads'] == len(os.sched_getaffinity(0))
   assert latency_tool.main(argv) == 0
@@ -269,6 +258,8 @@ def test_cli_builds_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, capsy
   assert latency_tool.main(argv + ['--precision', 'float16']) == 2
   assert latency_tool.main(argv + ['--ops', 'k9e9']) == 2
   assert 'ops must be a subset' in capsys.readouterr().err
+  assert latency_tool.main(argv + ['--max-spread', '0']) == 2
+  assert capsys.readouterr().err.count('\n') == 1
 
 
 def test_tflite_runtime_measures_one_block():
@@ -305,7 +296,7 @@ def test_a_search_with_a_latency_target_reads_the_table_of_its_config(tmp_path, 
   config.targets.latency_ms = (lo + hi) / 2
 
   config.targets.latency_table = ''
-  with pytest.raises(train.ConfigError, match='needs config.targets.latency_table'):
+  with pytest.raises(errors.UserError, match='needs config.targets.latency_table'):
     train.train_and_evaluate(config, str(tmp_path / 'none'))
   config.targets.latency_table = str(wrong)
   with pytest.raises(latency.LatencyError, match='another space') as error:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+from hournas_jax import setup as setup_lib
 from hournas_jax import checkpoint, costs, data, errors, spaces, train
 from spaces_for_tests import TOY_TABLE, tiny_config
 
@@ -77,6 +78,24 @@ def test_missing_dataset_is_a_reported_error(tmp_path):
   assert isinstance(error.value, errors.UserError)
 
 
+# What TensorFlow's C++ side prints at start-up when left alone.
+TF_START_UP = ('oneDNN', 'TF-TRT', 'cuda', 'absl::InitializeLog', 'This TensorFlow binary')
+
+
+def test_a_run_that_imports_tensorflow_is_quiet(tmp_path):
+  """An image folder loads TensorFlow (tf.data) before finding this one empty: the run's output
+  is its one error line, none of TF's start-up lines."""
+  (tmp_path / 'images').mkdir()
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}  # main.py's own
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/quickstart.py', '--config.dataset=folder',
+       f'--config.data_dir={tmp_path / "images"}', f'--workdir={tmp_path / "run"}'],
+      cwd=REPO_ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1 and 'no class folders' in one_error_line(result)
+  assert not [m for m in TF_START_UP if m in result.stdout + result.stderr], result.stderr
+
+
 def test_config_variants_and_overrides():
   from configs import efficientnet, fbnet, fbnet_enlarged, mnasnet  # pylint: disable=g-import-not-at-top
   assert (fbnet.get_config().targets.params, fbnet.get_config().targets.flops) == (4.8e6, 300e6)
@@ -100,11 +119,11 @@ def test_config_variants_and_overrides():
 
 
 @pytest.mark.parametrize('overrides,error,match', [
-    ({'mode': 'serch'}, train.ConfigError, 'config.mode must be one of'),
+    ({'mode': 'serch'}, setup_lib.ConfigError, 'config.mode must be one of'),
     ({'targets.params': 1e9}, costs.TargetError, 'outside what space'),
     ({'mode': 'train', 'train.arch': 'hournas_z'}, spaces.SpaceError, 'neither a preset'),
     ({'mode': 'train', 'train.arch': 'hournas_a'}, spaces.SpaceError, 'belongs to space'),
-    ({'mode': 'train', 'train.arch': ''}, train.ConfigError, 'no searched architecture'),
+    ({'mode': 'train', 'train.arch': ''}, setup_lib.ConfigError, 'no searched architecture'),
     ({'mode': 'eval'}, checkpoint.CheckpointError, 'no trained model'),
     ({'space': 'resnet'}, spaces.SpaceError, 'unknown search space'),
     ({'train.batch_size': 4000}, data.DataError, 'fewer than one batch'),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from hournas_jax import setup as setup_lib
 from hournas_jax import analysis, search, spaces, train, vital
 from spaces_for_tests import TOY_TABLE
 
@@ -68,7 +69,7 @@ MASK_DRAWS = 1
   arch = json.loads((workdir / 'arch.json').read_text())
 
   assert 'retrained from scratch: test top-1' in text(cells['search'])
-  space = train.resolve_setup(quickstart.get_config(), str(tmp_path / 'unused')).space
+  space = setup_lib.resolve_setup(quickstart.get_config(), str(tmp_path / 'unused')).space
   names = vital.vital_layers(space)
   assert f'vital blocks of fbnet_shallow: {", ".join(names)}' in text(cells['vital'])
   assert ', '.join(f'{n}={arch["ops"][n]}' for n in names) in text(cells['vital'])
@@ -155,7 +156,7 @@ def test_the_search_history_and_its_resume(toy_space, tmp_path, monkeypatch):
   assert [(r['step'], r['stage']) for r in history] == [
       (0, 'vital'), (3, 'vital'), (6, 'vital'), (8, 'vital'), (8, 'nonvital'),
       (9, 'nonvital'), (12, 'nonvital'), (15, 'nonvital'), (16, 'nonvital')]
-  space = train.resolve_setup(config, str(tmp_path / 'unused')).space
+  space = setup_lib.resolve_setup(config, str(tmp_path / 'unused')).space
   vital_names = list(vital.vital_layers(space))
   others = [n for n in space.searchable_names if n not in vital_names]
   for r in history:

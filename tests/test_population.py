@@ -1,7 +1,6 @@
 """Population training (resumable store, fingerprints, random budgets) and the ranking tools."""
 
 import concurrent.futures
-import json
 import math
 import os
 import pathlib
@@ -9,12 +8,12 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import default as default_lib
-from hournas_jax import baseline, costs, population, ranking, spaces, train
+from hournas_jax import setup as setup_lib
+from hournas_jax import baseline, costs, population, ranking, spaces
 from spaces_for_tests import toy_space
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
@@ -32,7 +31,7 @@ def _setup(tmp_path, **train_overrides):
   t.eval_batch_size = 360
   for k, v in train_overrides.items():
     t[k] = v
-  setup = train.resolve_setup(config, str(tmp_path))
+  setup = setup_lib.resolve_setup(config, str(tmp_path))
   setup.space = toy_space(8)
   return setup
 

@@ -1,5 +1,5 @@
-"""Tests for hournas_jax.proposals and its tool (tools/proposals.py): Eqn 4-5 costs and loss, proposal optimisation, two-level
-sampling, restricted tables and the CLI."""
+"""Tests for hournas_jax.proposals and its tool (tools/proposals.py): Eqn 4-5 costs and loss,
+proposal optimisation, two-level sampling, restricted tables and the CLI."""
 
 import json
 import pathlib

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default, quickstart
+from hournas_jax import setup as setup_lib
 from hournas_jax import arch as arch_lib
 from hournas_jax import baseline, costs, errors, population, retrain, spaces, train
 from spaces_for_tests import TOY_TABLE
@@ -196,13 +197,13 @@ def test_bfloat16_retraining_keeps_float32_weights_and_learns(tmp_path, toy_spac
   config = digits_config(precision='bfloat16')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))['train']
   assert 0.0 <= results['top1'] <= 1.0 and np.isfinite(results['loss'])
-  setup = train.resolve_setup(config, str(tmp_path / 'run'))
+  setup = setup_lib.resolve_setup(config, str(tmp_path / 'run'))
   trainer, state, meta = retrain.load_model(setup, str(tmp_path / 'run' / 'train'))
   assert meta['train']['precision'] == 'bfloat16' and trainer.net.dtype == jnp.bfloat16
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype(jnp.float32)}
   evaluated = trainer.evaluate(state, retrain.eval_batches(setup, 120))
   assert evaluated['top1'] == pytest.approx(results['top1'])
   config.train.precision = 'float16'
-  with pytest.raises(train.ConfigError, match="train.precision must be one of float32, "
+  with pytest.raises(setup_lib.ConfigError, match="train.precision must be one of float32, "
                                               "bfloat16, got 'float16'"):
     train.train_and_evaluate(config, str(tmp_path / 'other'))

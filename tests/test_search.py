@@ -9,8 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from hournas_jax import (analysis, arch as arch_lib, checkpoint, costs, engines, proposals,
-                         sampling, search, singlepath, spaces, stages, supernet, vital, wholenet)
+                         sampling, search, spaces, stages, supernet, vital)
+from hournas_jax.engines import all_candidates, single_path
 from hournas_jax.tools import proposals as proposals_tool
 from spaces_for_tests import toy_space
 
@@ -21,18 +23,23 @@ W, A = (True, False), (False, True)  # the batches of a weight step and of an ar
 
 
 def _config(**overrides):
-  cfg = dict(num_proposals=4, proposal_iterations=0, tau0=5.0, tau_decay=0.9999, weight_lr=0.1,
-             momentum=0.9, weight_decay=4e-5, arch_lr=0.01, alpha=1.0, vital_priority=True,
-             sampler='gumbel_max', val_every=2, schedule='interleaved', temperature='logits',
-             arch_gradient='straight_through')
+  """config.search of the defaults, small and fast (no proposal iterations, m = 4)."""
+  cfg = default.get_search_config()
+  cfg.update(dict(num_proposals=4, proposal_iterations=0, val_every=2))
   cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  return cfg
+
+
+def _target_config(params=0.0, flops=0.0, latency_ms=0.0):
+  """config.targets with these targets (0 = none)."""
+  return ml_collections.ConfigDict({'params': float(params), 'flops': float(flops),
+                                    'latency_ms': float(latency_ms)})
 
 
 def _targets(ops=('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip'), space=SPACE):
   """Targets that an architecture of the space meets exactly."""
   params, flops = costs.cost_tables(space).cost([space.op_names.index(o) for o in ops])
-  return ml_collections.ConfigDict({'params': float(params), 'flops': float(flops)})
+  return _target_config(params, flops)
 
 
 def _data(n=16, seed=0, res=RES):
@@ -44,25 +51,24 @@ def _data(n=16, seed=0, res=RES):
   return {'image': jnp.asarray(images, jnp.float32), 'label': jnp.asarray(labels, jnp.int32)}
 
 
-def _record_paths(searcher, paths):
-  """Wraps the engines' steps to record the sampled paths (layer -> op)."""
-  original = searcher.make_engine
+def _recording_engines(space, cfg, paths):
+  """An engine factory: the engines `cfg` names, their steps recording the sampled paths
+  (layer -> op) into `paths`."""
+  build = search.config_engine_factory(space, cfg)
 
-  def make_engine(layer_ops):
-    eng = original(layer_ops)
-    if not getattr(eng, '_recording', False):
-      step, grads = eng.train_step, eng.arch_grads
-      eng.train_step = lambda w, batch, choice, lr: (
-          paths.append(choice.path(searcher.space)), step(w, batch, choice, lr))[1]
-      eng.arch_grads = lambda w, batch, choice: (
-          paths.append(choice.path(searcher.space)), grads(w, batch, choice))[1]
-      eng._recording = True
+  def factory(layer_ops):
+    eng = build(layer_ops)
+    step, grads = eng.train_step, eng.arch_grads
+    eng.train_step = lambda w, batch, choice, lr: (
+        paths.append(choice.path(space)), step(w, batch, choice, lr))[1]
+    eng.arch_grads = lambda w, batch, choice: (
+        paths.append(choice.path(space)), grads(w, batch, choice))[1]
     return eng
-  searcher.make_engine = make_engine
+  return factory
 
 
 class _StubEngine:
-  """Stands in for a stage's networks (the engine interface of `engines.py`), so that a test of
+  """Stands in for a stage's networks (the engine interface, `engines.Engine`), so that a test of
   the schedule or of the architecture update compiles none: weight steps leave the weights as
   they are, architecture steps return grad_a(A) (zeros by default) as d cross-entropy / d A, A
   the sampled one-hot [L, O], and forward-only steps ('reinforce') loss(idx) (1 by default) as
@@ -88,11 +94,11 @@ class _StubEngine:
     return weights, {'loss': loss, 'accuracy': 0.0}
 
 
-def _stub_networks(searcher, grad_a=None, loss=None):
-  """Makes every stage of `searcher` train with a `_StubEngine` (see there)."""
-  original = searcher.make_engine
-  searcher.make_engine = lambda layer_ops: _StubEngine(original(layer_ops), grad_a, loss)
-  searcher._stages.clear()  # stages built before hold the real engine
+def _stub_engines(space=SPACE, grad_a=None, loss=None):
+  """An engine factory whose engines are `_StubEngine`s (see there) over the default config's
+  engine (which gives their initial state)."""
+  build = search.config_engine_factory(space, _config())
+  return lambda layer_ops: _StubEngine(build(layer_ops), grad_a, loss)
 
 
 def _run(searcher, state, steps=None, res=RES):
@@ -124,9 +130,9 @@ def _one_hot_ops(space, op, scale, m=None):
 
 def test_two_stage_search_end_to_end():
   targets = _targets()
-  s = search.Searcher(SPACE, _config(), targets, (RES, RES, 3), vital_steps=4, nonvital_steps=4)
   paths = []
-  _record_paths(s, paths)
+  s = search.Searcher(SPACE, _config(), targets, (RES, RES, 3), vital_steps=4, nonvital_steps=4,
+                      engine_factory=_recording_engines(SPACE, _config(), paths))
   state = s.init(0)
   assert state.stage == 'vital'
   # S_vital holds the vital SuperBlocks only.
@@ -178,9 +184,12 @@ def test_proposals_meet_the_targets_and_so_does_the_found_architecture(temperatu
   ops = ['k3e3', 'k5e6', 'k3g2', 'k3e3', 'k5e1', 'k5e6', 'skip', 'k3e6', 'k3e1', 'k5e3', 'k3e3',
          'k5e6']
   targets = _targets(ops, space)
+  # Architecture steps take a noisy stand-in for the cross-entropy gradient.
+  rng = np.random.default_rng(0)
+  noise = _stub_engines(space, lambda a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), jnp.float32))
   s = search.Searcher(space, _config(num_proposals=8, vital_priority=False, val_every=1,
                                      arch_lr=0.05, temperature=temperature),
-                      targets, (32, 32, 3), 0, 10)
+                      targets, (32, 32, 3), 0, 10, engine_factory=noise)
   state = s.init(0)
   assert state.stage == 'nonvital'
   # At tau0 = 5: 'logits' rescaled the proposals to it, 'relaxed' samples at tau = 1 anyway.
@@ -188,10 +197,8 @@ def test_proposals_meet_the_targets_and_so_does_the_found_architecture(temperatu
   within = ((np.abs(sampled_params - targets.params) <= 0.05 * targets.params)
             & (np.abs(sampled_flops - targets.flops) <= 0.05 * targets.flops))
   assert within.mean() >= 0.9, within.mean()
-  # Architecture steps with a noisy stand-in for the cross-entropy gradient: the result is the
-  # best proposal's most probable architecture, and it must meet the targets too.
-  rng = np.random.default_rng(0)
-  _stub_networks(s, lambda a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), jnp.float32))
+  # After the architecture steps, the result is the best proposal's most probable
+  # architecture, and it must meet the targets too.
   state, _ = _run(s, state, res=32)
   result = s.result(state)
   assert set(result['deviation']) == {'params', 'flops'}
@@ -268,15 +275,12 @@ def test_impossible_targets_are_refused_up_front():
   _, tables, mask, offset = costs.restrict_tables(costs.cost_tables(SPACE))
   high = costs.reachable_range(tables, mask, offset)[1][1]
   with pytest.raises(costs.TargetError, match='reach'):
-    search.Searcher(SPACE, _config(), ml_collections.ConfigDict({'params': 0.0,
-                                                                 'flops': 2.0 * high}),
-                    (RES, RES, 3), 1, 1)
+    search.Searcher(SPACE, _config(), _target_config(flops=2.0 * high), (RES, RES, 3), 1, 1)
   with pytest.raises(search.SearchError, match='at least one'):
-    search.Searcher(SPACE, _config(), ml_collections.ConfigDict({'params': 0.0, 'flops': 0.0}),
-                    (RES, RES, 3), 1, 1)
+    search.Searcher(SPACE, _config(), _target_config(), (RES, RES, 3), 1, 1)
   # Each target alone is within the space's range, but a params budget this small leaves k3e1
   # the only op for both vital blocks, and after that the other layers cannot add the FLOPs.
-  both = ml_collections.ConfigDict({'params': 3000.0, 'flops': 130000.0})
+  both = _target_config(params=3000.0, flops=130000.0)
   with pytest.raises(search.SearchError, match='no choice of the vital blocks') as error:
     search.Searcher(SPACE, _config(), both, (RES, RES, 3), 1, 1)
   assert '\n' not in str(error.value)
@@ -311,10 +315,10 @@ def test_vital_choice_keeps_the_targets_reachable(capsys):
   """theta prefers k3e3 on both vital blocks (layer3_1 more strongly), which costs more params
   than the target allows. Within reach are (k3e1, k3e1) and (k3e3, k3e1) -- not (k3e1, k3e3),
   layer3_1's k3e3 being the dearer -- and the more probable of the two is (k3e3, k3e1)."""
-  targets = ml_collections.ConfigDict({'params': 3500.0, 'flops': 60000.0})
-  s = search.Searcher(SPACE, _config(arch_lr=0.0, val_every=1), targets, (RES, RES, 3), 1, 1)
+  targets = _target_config(params=3500.0, flops=60000.0)
+  s = search.Searcher(SPACE, _config(arch_lr=0.0, val_every=1), targets, (RES, RES, 3), 1, 1,
+                      engine_factory=_stub_engines())
   state = s.init(0)
-  _stub_networks(s)
   k3e3 = SPACE.op_names.index('k3e3')
   theta = jnp.zeros((2, len(SPACE.op_names))).at[0, k3e3].set(1.0).at[1, k3e3].set(3.0)
   state = _set_arch(s, state, {'theta': theta})
@@ -350,8 +354,8 @@ def test_best_reachable_choice_is_the_exact_optimum():
         best, best_score = tuple(int(o) for o in choice), score
     found += best is not None
     for chunk in (1, 7, 2 ** 20):  # all in the loop, mixed, all vectorised
-      assert stages.best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
-                                          chunk) == best
+      assert costs.best_reachable_choice(log_probs, layer_costs, low, high, targets, active,
+                                         chunk) == best
   assert 0 < found < 12  # both outcomes were exercised
 
 
@@ -375,13 +379,14 @@ def test_efficientnet_layer1_1_stays_at_the_supernets_k3e1se():
   assert 'layer1_1' in vital.vital_layers(space)
   preset = arch_lib.preset('hournas_f')
   targets = _targets([o if o in space.op_names else 'k5e6se' for o in preset.ops], space)
-  s = search.Searcher(space, _config(num_proposals=2, val_every=1), targets, (32, 32, 3), 1, 1)
-  assert 'layer1_1' not in s.vital_names and len(s.vital_names) == 6
+  s = search.Searcher(space, _config(num_proposals=2, val_every=1), targets, (32, 32, 3), 1, 1,
+                      engine_factory=_stub_engines(space))
+  vital_names = s.problem.vital_names
+  assert 'layer1_1' not in vital_names and len(vital_names) == 6
   state = s.init(0)
   ops = dict(zip((l.name for l in space.layers), s.stage_of(state).engine.net.ops))
   assert ops['layer1_1'] == ('k3e1se',)
   assert state.arch['theta'].shape == (6, len(space.op_names))
-  _stub_networks(s)
   state, _ = _run(s, state, steps=1, res=32)
   assert state.stage == 'nonvital'
   assert 'layer1_1' not in s.stage_of(state).layers
@@ -393,7 +398,7 @@ def test_efficientnet_layer1_1_stays_at_the_supernets_k3e1se():
   assert 'layer1_1' not in result['vital_ops']
   # The report maps theta_vital's rows to the searched vital layers, and marks layer1_1 fixed.
   probabilities = analysis.layer_probabilities(space, result)
-  assert set(probabilities) == set(s.vital_names) | set(s.stage_of(state).layers)
+  assert set(probabilities) == set(vital_names) | set(s.stage_of(state).layers)
   row = next(l for l in analysis.summary_text(space, result).splitlines()
              if l.startswith('layer1_1 '))
   assert row.split()[1] == 'k3e1se' and row.endswith('fixed')
@@ -452,14 +457,15 @@ def test_pi_prefers_the_proposal_whose_architectures_are_clearly_better():
   scales, not the loss itself: on the toy networks it does not rank a trained path above an
   untrained one reliably (its sign for the untrained path flips with XLA's optimisation flags).
   """
-  s = search.Searcher(SPACE, _config(vital_priority=False, num_proposals=2, arch_lr=0.05,
-                                     alpha=0.0, val_every=1, tau0=1.0, tau_decay=1.0),
-                      _targets(), (RES, RES, 3), 0, 30)
-  state = s.init(0)
   ops = SPACE.op_names
   c = np.zeros(len(ops))
   c[ops.index('k3e3')], c[ops.index('k3e1')] = -1.0, 1.0
-  _stub_networks(s, lambda a: jnp.round(a) * c)  # only the sampled entries, like the gates
+  s = search.Searcher(SPACE, _config(vital_priority=False, num_proposals=2, arch_lr=0.05,
+                                     alpha=0.0, val_every=1, tau0=1.0, tau_decay=1.0),
+                      _targets(), (RES, RES, 3), 0, 30,
+                      # Only the sampled entries, like the gates.
+                      engine_factory=_stub_engines(grad_a=lambda a: jnp.round(a) * c))
+  state = s.init(0)
   thetas = jnp.stack([_one_hot_ops(SPACE, 'k3e3', 10.0), _one_hot_ops(SPACE, 'k3e1', 10.0)])
   state = _set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)})
   state, _ = _run(s, state)
@@ -486,12 +492,11 @@ def test_resource_term_pulls_theta_toward_the_targets():
   targets = _targets(('k3e1', 'k3e1', 'skip', 'k3e1', 'skip'))
   s = search.Searcher(SPACE, _config(vital_priority=False, num_proposals=2, arch_lr=0.05,
                                      val_every=1, tau0=1.0, tau_decay=1.0),
-                      targets, (RES, RES, 3), 0, 40)
+                      targets, (RES, RES, 3), 0, 40, engine_factory=_stub_engines())
   state = s.init(0)
-  _stub_networks(s)
   state = _set_arch(s, state, {'thetas': _one_hot_ops(SPACE, 'k3e3', 2.0, m=2),
                                'pi': jnp.zeros(2)})
-  _, tables, mask, offset = costs.restrict_tables(s.tables)
+  _, tables, mask, offset = costs.restrict_tables(s.problem.tables)
   t = np.array([targets.params, targets.flops])
 
   def gap(state):
@@ -511,9 +516,9 @@ def test_resource_term_pulls_theta_toward_the_targets():
 
 
 def test_interleaved_schedule_takes_a_val_batch_every_fourth_step_by_default():
-  s = search.Searcher(SPACE, _config(val_every=0), _targets(), (RES, RES, 3), 8, 8)
+  s = search.Searcher(SPACE, _config(val_every=0), _targets(), (RES, RES, 3), 8, 8,
+                      engine_factory=_stub_engines())
   state = s.init(0)
-  _stub_networks(s)
   state, metrics = _run(s, state)
   assert [m['batches'] for m in metrics] == [(True, (i + 1) % 4 == 0) for i in range(16)]
   assert state.counters == {'step': 16, 'tr_step': 16, 'val_step': 4, 'stage_step': 0}
@@ -525,10 +530,9 @@ def test_epoch_schedule_is_algorithm_1_and_resumes_exactly():
   1 weight step with its proportional architecture pass (round(2 / 5) = 0, so 1 step); 10
   non-vital weight steps: two whole epochs."""
   def searcher():
-    s = search.Searcher(SPACE, _config(schedule='epoch'), _targets(), (RES, RES, 3), 6, 10,
-                        tr_steps_per_epoch=5, val_steps_per_epoch=2)
-    _stub_networks(s)
-    return s
+    return search.Searcher(SPACE, _config(schedule='epoch'), _targets(), (RES, RES, 3), 6, 10,
+                           tr_steps_per_epoch=5, val_steps_per_epoch=2,
+                           engine_factory=_stub_engines())
 
   s = searcher()
   state, metrics = _run(s, s.init(0))
@@ -560,8 +564,8 @@ def test_arch_warmup_holds_the_architecture_for_its_share_of_each_stage():
   batches of weight steps 0-3 pass without an update (the batches asked for stay the same), and
   every architecture step after them moves theta (stage 1) or Theta / pi (stage 2)."""
   grad = lambda a: a  # d loss / d A = A: every step pushes the sampled ops down
-  s = search.Searcher(SPACE, _config(arch_warmup=0.5), _targets(), (RES, RES, 3), 8, 8)
-  _stub_networks(s, grad_a=grad)
+  s = search.Searcher(SPACE, _config(arch_warmup=0.5), _targets(), (RES, RES, 3), 8, 8,
+                      engine_factory=_stub_engines(grad_a=grad))
   state = s.init(0)
   arch_before = jax.tree.map(np.asarray, state.arch)
   moved = []
@@ -582,8 +586,6 @@ def test_arch_warmup_holds_the_architecture_for_its_share_of_each_stage():
   assert state.counters['val_step'] == 8
   # The vital stage's last architecture step (it ends the stage) moved theta too.
   assert not np.array_equal(np.asarray(state.theta_vital), arch_before['theta'])
-  with pytest.raises(search.SearchError, match=r'search.arch_warmup must be in \[0, 1\)'):
-    search.Searcher(SPACE, _config(arch_warmup=1.0), _targets(), (RES, RES, 3), 2, 2)
 
 
 def test_vital_init_targets_starts_stage_one_where_architectures_meet_the_targets():
@@ -595,27 +597,28 @@ def test_vital_init_targets_starts_stage_one_where_architectures_meet_the_target
   fitted = search.Searcher(SPACE, _config(vital_init='targets'), targets, (RES, RES, 3), 4, 4)
   uniform = search.Searcher(SPACE, _config(), targets, (RES, RES, 3), 4, 4)
   assert np.all(np.asarray(uniform.init(0).arch['theta']) == 0.0)
-  tables = fitted.tables.stacked()[:, fitted.vital_rows]
-  low, high = fitted.others_range
-  t = fitted.targets
+  problem = fitted.problem
+  tables = problem.tables.stacked()[:, problem.vital_rows]
+  low, high = problem.others_range
+  t = problem.targets
+  vital_mask = problem.op_mask[problem.vital_rows]
 
   def mass_meeting_targets(theta, tau):
-    logits = np.where(fitted.mask[fitted.vital_rows], np.asarray(theta) / tau, -np.inf)
+    logits = np.where(vital_mask, np.asarray(theta) / tau, -np.inf)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     total = 0.0
-    for choice in itertools.product(*[np.flatnonzero(row) for row in
-                                      fitted.mask[fitted.vital_rows]]):
+    for choice in itertools.product(*[np.flatnonzero(row) for row in vital_mask]):
       cost = sum(tables[:, l, o] for l, o in enumerate(choice))
       if np.all((low + cost <= 1.05 * t) & (high + cost >= 0.95 * t)):
         total += np.prod([probs[l, o] for l, o in enumerate(choice)])
     return total
 
-  tau0 = float(fitted.cfg.tau0)
+  tau0 = fitted.schedule.tau0
   started = mass_meeting_targets(fitted.init(0).arch['theta'], tau0)
   assert started > 0.9 and started > mass_meeting_targets(np.zeros_like(tables[0]), tau0) + 0.2
   with pytest.raises(search.SearchError, match='search.vital_init must be one of'):
-    search.Searcher(SPACE, _config(vital_init='proposal'), targets, (RES, RES, 3), 2, 2)
+    search.check_config(_config(vital_init='proposal'))
 
 
 def test_steps_given_the_wrong_batches_and_bad_settings_are_refused():
@@ -627,15 +630,38 @@ def test_steps_given_the_wrong_batches_and_bad_settings_are_refused():
     s.train_step(state, _data(), _data())
   with pytest.raises(search.SearchError, match='takes a D_tr batch, got no batch'):
     s.train_step(state)
-  for overrides, match in (({'schedule': 'epoch'}, 'needs at least one step per epoch'),
-                           ({'schedule': 'epochs'}, 'search.schedule must be one of'),
-                           ({'temperature': 'theta'}, 'search.temperature must be one of'),
-                           ({'arch_gradient': 'score'}, 'search.arch_gradient must be one of'),
-                           ({'arch_gradient': 'reinforce', 'sampler': 'gumbel_softmax'},
-                            "'reinforce' needs search.sampler 'gumbel_max'")):
-    with pytest.raises(search.SearchError, match=match) as error:
-      search.Searcher(SPACE, _config(**overrides), _targets(), (RES, RES, 3), 2, 2)
-    assert '\n' not in str(error.value)
+  # A setting that needs the data: checked when the searcher is built.
+  with pytest.raises(search.SearchError, match='needs at least one step per epoch') as error:
+    search.Searcher(SPACE, _config(schedule='epoch'), _targets(), (RES, RES, 3), 2, 2)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'schedule': 'epochs'}, 'config.search.schedule must be one of interleaved, epoch'),
+    ({'temperature': 'theta'}, 'config.search.temperature must be one of'),
+    ({'arch_gradient': 'score'}, 'config.search.arch_gradient must be one of'),
+    ({'arch_gradient': 'reinforce', 'sampler': 'gumbel_softmax'},
+     "'reinforce' needs a sampled path"),
+    ({'sampler': 'gumbel'}, 'config.search.sampler must be one of gumbel_max, gumbel_softmax'),
+    ({'precision': 'float16'}, 'config.search.precision must be one of'),
+    ({'weight_sharing': 'all'}, 'config.search.weight_sharing must be one of'),
+    ({'num_proposals': 0}, r'config.search.num_proposals must be >= 1'),
+    ({'val_every': -1}, r'config.search.val_every must be >= 0'),
+    ({'batch_size': 0}, r'config.search.batch_size must be > 0'),
+    ({'weight_lr': 0.0}, r'config.search.weight_lr must be > 0'),
+    ({'arch_lr': -0.1}, r'config.search.arch_lr must be >= 0'),
+    ({'tau_decay': 1.5}, r'config.search.tau_decay must be in \(0, 1\]'),
+    ({'arch_warmup': 1.0}, r'config.search.arch_warmup must be in \[0, 1\)'),
+    ({'engine': 'fused'}, ('config.search.engine must be one of single_path, switch, '
+                           'all_candidates')),
+    ({'sampler': 'gumbel_softmax', 'engine': 'single_path'},
+     "runs path candidates, but sampler 'gumbel_softmax' needs .* all_candidates"),
+])
+def test_check_config_refuses_bad_settings_in_one_line(overrides, match):
+  search.check_config(_config())  # the defaults pass
+  with pytest.raises(search.SearchError, match=match) as error:
+    search.check_config(_config(**overrides))
+  assert '\n' not in str(error.value)
 
 
 def test_ablation_switches():
@@ -648,11 +674,11 @@ def test_ablation_switches():
   assert s.stage_of(state).layers == SPACE.searchable_names
   assert state.arch['thetas'].shape == (2, len(SPACE.searchable_names), len(SPACE.op_names))
   assert state.arch['pi'].shape == (2,)
-  assert isinstance(s.stage_of(state).engine, singlepath.SinglePathEngine)
+  assert isinstance(s.stage_of(state).engine, single_path.SinglePathEngine)
   # Gumbel-softmax over all candidates: every candidate of every searched layer trains.
   s = search.Searcher(SPACE, _config(sampler='gumbel_softmax'), targets, (RES, RES, 3), 5, 1)
   state = s.init(0)
-  assert isinstance(s.stage_of(state).engine, wholenet.WholeNetEngine)
+  assert isinstance(s.stage_of(state).engine, all_candidates.AllCandidatesEngine)
   new_state, _ = s.train_step(state, _data(), None)
   for n in VITAL:
     for op in SPACE.layer(n).ops:
@@ -672,24 +698,25 @@ def test_a_latency_target_is_a_third_resource():
   ops = ['k3e3', 'k5e6', 'k3g2', 'k3e3', 'k5e1', 'k5e6', 'skip', 'k3e6', 'k3e1', 'k5e3', 'k3e3',
          'k5e6']
   target = float(tables.resources([space.op_names.index(o) for o in ops])[2])
-  targets = ml_collections.ConfigDict({'params': 0.0, 'flops': 0.0, 'latency_ms': target})
+  targets = _target_config(latency_ms=target)
   cfg = _config(num_proposals=8, vital_priority=False, val_every=1, arch_lr=0.05)
   with pytest.raises(search.SearchError, match='latency table'):
     search.Searcher(space, cfg, targets, (32, 32, 3), 0, 10)  # no latency table
   high = costs.reachable_range(*costs.restrict_tables(tables)[1:])[1][2]
   with pytest.raises(costs.TargetError, match=r'latency target .* ms is outside what space'):
-    search.Searcher(space, cfg, ml_collections.ConfigDict({'latency_ms': 2 * high}),
-                    (32, 32, 3), 0, 10, tables=tables)
-  s = search.Searcher(space, cfg, targets, (32, 32, 3), 0, 10, tables=tables)
-  assert list(s.active) == [False, False, True]
+    search.Searcher(space, cfg, _target_config(latency_ms=2 * high), (32, 32, 3), 0, 10,
+                    tables=tables)
+  rng = np.random.default_rng(0)
+  noise = _stub_engines(space, lambda a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), jnp.float32))
+  s = search.Searcher(space, cfg, targets, (32, 32, 3), 0, 10, tables=tables,
+                      engine_factory=noise)
+  assert list(s.problem.active) == [False, False, True]
   state = s.init(0)
   theta = state.arch['thetas']
   expected = proposals.expected_cost(theta, jnp.asarray(s.stage_of(state).tables[0], jnp.float32),
                                      jnp.asarray(s.stage_of(state).tables[2], jnp.float32),
                                      s.tau(state), s.stage_of(state).mask)
   np.testing.assert_allclose(np.asarray(expected)[:, 2], target, rtol=0.05)
-  rng = np.random.default_rng(0)
-  _stub_networks(s, lambda a: jnp.asarray(rng.normal(0.0, 0.05, a.shape), jnp.float32))
   state, _ = _run(s, state, res=32)
   result = s.result(state)
   assert result['targets'] == {'params': None, 'flops': None, 'latency_ms': target}
@@ -708,7 +735,7 @@ def test_an_engine_plugs_in_by_name_from_the_config(monkeypatch):
   single-path engine it wraps."""
   calls = []
 
-  class CountingEngine(singlepath.SinglePathEngine):
+  class CountingEngine(single_path.SinglePathEngine):
     def train_step(self, weights, batch, choice, lr):
       calls.append(('train_step', choice.layers))
       return super().train_step(weights, batch, choice, lr)
@@ -717,7 +744,7 @@ def test_an_engine_plugs_in_by_name_from_the_config(monkeypatch):
       calls.append(('arch_grads', choice.layers))
       return super().arch_grads(weights, batch, choice)
 
-  monkeypatch.setitem(engines.ENGINES, 'counting', lambda: CountingEngine)
+  monkeypatch.setitem(engines.ENGINES, 'counting', CountingEngine)
   results = []
   for engine in ('counting', ''):
     s = search.Searcher(SPACE, _config(engine=engine), _targets(), (RES, RES, 3), 2, 2)
@@ -727,16 +754,6 @@ def test_an_engine_plugs_in_by_name_from_the_config(monkeypatch):
   np.testing.assert_array_equal(results[0]['pi'], results[1]['pi'])
   assert [c[0] for c in calls] == ['train_step', 'train_step', 'arch_grads'] * 2
   assert calls[0][1] == VITAL and set(calls[3][1]) == set(SPACE.searchable_names) - set(VITAL)
-
-
-def test_an_engine_that_cannot_train_the_samplers_samples_is_refused():
-  with pytest.raises(search.SearchError, match="runs path candidates, but sampler "
-                                               "'gumbel_softmax' needs .* all_candidates"):
-    search.Searcher(SPACE, _config(sampler='gumbel_softmax', engine='single_path'), _targets(),
-                    (RES, RES, 3), 1, 1)
-  with pytest.raises(search.SearchError, match="search.engine must be one of single_path, "
-                                               "switch, all_candidates"):
-    search.Searcher(SPACE, _config(engine='fused'), _targets(), (RES, RES, 3), 1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -788,10 +805,10 @@ def test_reinforce_step_is_adams_first_step_on_the_estimate():
   """One architecture step of the Searcher: theta moves by Adam's first step,
   -lr * g / (|g| + eps), on g = (L - b) * grad log p(A) of the path it sampled."""
   lr, tau = 0.01, 5.0
-  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, arch_lr=lr,
-                                     tau_decay=1.0), _targets(), (RES, RES, 3), 5, 1)
   seen = []
-  _stub_networks(s, loss=lambda idx: (seen.append(idx), 2.0)[1])
+  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, arch_lr=lr,
+                                     tau_decay=1.0), _targets(), (RES, RES, 3), 5, 1,
+                      engine_factory=_stub_engines(loss=lambda idx: (seen.append(idx), 2.0)[1]))
   state = s.init(0)
   rng = np.random.default_rng(1)
   theta = rng.normal(size=state.arch['theta'].shape).astype(np.float32)
@@ -810,8 +827,8 @@ def test_reinforce_baseline_starts_at_the_first_loss_and_moves_as_an_ema():
   assert float(b) == 3.0 and float(nxt) == 3.0
   losses = iter([2.0, 1.0, 3.0, 0.5])
   s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, num_proposals=2),
-                      _targets(), (RES, RES, 3), 3, 1)
-  _stub_networks(s, loss=lambda idx: next(losses))
+                      _targets(), (RES, RES, 3), 3, 1,
+                      engine_factory=_stub_engines(loss=lambda idx: next(losses)))
   state = s.init(0)
   assert np.isnan(float(state.arch_baseline))  # no loss yet
   theta0 = np.asarray(state.arch['theta'])
@@ -832,12 +849,12 @@ def test_reinforce_baseline_starts_at_the_first_loss_and_moves_as_an_ema():
 def test_reinforce_vital_stage_finds_the_op_with_the_lower_loss():
   """A stand-in loss (no network): 1 for every vital layer on k3e3, 2 on any other op, plus
   noise. A few hundred REINFORCE steps must make theta prefer k3e3 on both vital layers."""
-  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, arch_lr=0.05,
-                                     tau0=1.0, tau_decay=1.0), _targets(), (RES, RES, 3), 1000, 1)
   k3e3 = SPACE.op_names.index('k3e3')
   rng = np.random.default_rng(0)
-  _stub_networks(s, loss=lambda idx: float(np.sum(np.where(idx == k3e3, 1.0, 2.0))
-                                           + rng.normal(0.0, 0.1)))
+  loss = lambda idx: float(np.sum(np.where(idx == k3e3, 1.0, 2.0)) + rng.normal(0.0, 0.1))
+  s = search.Searcher(SPACE, _config(arch_gradient='reinforce', val_every=1, arch_lr=0.05,
+                                     tau0=1.0, tau_decay=1.0), _targets(), (RES, RES, 3), 1000, 1,
+                      engine_factory=_stub_engines(loss=loss))
   state, _ = _run(s, s.init(0), steps=300)
   assert state.stage == 'vital'
   probs = s.probabilities(state)
@@ -848,12 +865,13 @@ def test_reinforce_vital_stage_finds_the_op_with_the_lower_loss():
 def test_reinforce_pi_prefers_the_proposal_whose_samples_have_lower_loss():
   """Proposal 0 samples all-k3e3 architectures, proposal 1 all-k3e1 ones; the stand-in loss is
   lower for every k3e3. With no resource term, pi must come to prefer proposal 0."""
+  k3e3, k3e1 = SPACE.op_names.index('k3e3'), SPACE.op_names.index('k3e1')
+  loss = lambda idx: 2.0 + float(np.mean((idx == k3e1) * 1.0 - (idx == k3e3)))
   s = search.Searcher(SPACE, _config(arch_gradient='reinforce', vital_priority=False,
                                      num_proposals=2, arch_lr=0.05, alpha=0.0, val_every=1,
-                                     tau0=1.0, tau_decay=1.0), _targets(), (RES, RES, 3), 0, 200)
+                                     tau0=1.0, tau_decay=1.0), _targets(), (RES, RES, 3), 0, 200,
+                      engine_factory=_stub_engines(loss=loss))
   state = s.init(0)
-  k3e3, k3e1 = SPACE.op_names.index('k3e3'), SPACE.op_names.index('k3e1')
-  _stub_networks(s, loss=lambda idx: 2.0 + float(np.mean((idx == k3e1) * 1.0 - (idx == k3e3))))
   thetas = jnp.stack([_one_hot_ops(SPACE, 'k3e3', 10.0), _one_hot_ops(SPACE, 'k3e1', 10.0)])
   state = _set_arch(s, state, {'thetas': thetas, 'pi': jnp.zeros(2)}).replace(
       arch_baseline=state.arch_baseline)

@@ -1,4 +1,4 @@
-"""The search driver (train.run_search) with Algorithm 1's 'epoch' schedule, on digits and the
+"""The search driver (search_phase.run) with Algorithm 1's 'epoch' schedule, on digits and the
 toy space: the batches it feeds, the counters it ends with, and a run stopped in the middle of
 an architecture pass that resumes to the uninterrupted result."""
 
@@ -7,6 +7,8 @@ import json
 import pytest
 
 from configs import quickstart
+from hournas_jax import search_phase
+from hournas_jax import setup as setup_lib
 from hournas_jax import costs, data, search, spaces, train
 from spaces_for_tests import TOY_TABLE
 
@@ -71,7 +73,7 @@ def test_epoch_schedule_through_the_driver_resumes_exactly(tmp_path, monkeypatch
 def test_a_result_more_than_5_percent_off_its_targets_is_warned_about(tmp_path, capsys):
   config = epoch_config()
   config.proposal_samples = 0
-  setup = train.resolve_setup(config, str(tmp_path))
+  setup = setup_lib.resolve_setup(config, str(tmp_path))
   ops = ('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip')
   params, flops = costs.cost_tables(setup.space).cost([setup.space.op_names.index(o)
                                                        for o in ops])
@@ -84,7 +86,7 @@ def test_a_result_more_than_5_percent_off_its_targets_is_warned_about(tmp_path, 
     def result(self, state):
       return result
 
-  train._write_search_result(setup, FinishedSearch(), None)
+  search_phase._write_search_result(setup, FinishedSearch(), None)
   out = capsys.readouterr().out
   assert '[search] warning: the architecture is more than 5% off its targets (params +10.0%)' in out
   assert json.loads((tmp_path / 'arch.json').read_text())['deviation'] == result['deviation']

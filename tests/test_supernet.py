@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hournas_jax import blocks, engines, optim, spaces, supernet, singlepath, vital, wholenet
+from hournas_jax import blocks, engines, optim, spaces, supernet, vital
+from hournas_jax.engines import all_candidates, single_path
 from spaces_for_tests import toy_space
 
 RES = 16
@@ -18,7 +19,7 @@ def space():
 
 @pytest.fixture(scope='module')
 def engine(space):
-  return singlepath.SinglePathEngine(space, supernet.layer_ops(space))
+  return single_path.SinglePathEngine(space, supernet.layer_ops(space))
 
 
 @pytest.fixture(scope='module')
@@ -59,7 +60,7 @@ def test_single_path_step_equals_fixed_network(space, engine, batch):
   state = engine.init(0, (RES, RES, 3))
   path = _path(space, lambda i, l: (i * 7 + 3) % len(l.ops))
   ops = [path[n] for n in space.searchable_names]
-  fixed = wholenet.WholeNetEngine(space, supernet.fixed_layer_ops(space, ops))
+  fixed = all_candidates.AllCandidatesEngine(space, supernet.fixed_layer_ops(space, ops))
   fstate = {k: _sub(state[k], space, ops) for k in state}
   for _ in range(2):  # two steps: momentum and running statistics matter too
     batch_dict = {'image': images, 'label': labels}
@@ -134,13 +135,13 @@ def test_vital_only_and_frozen_networks(space):
       assert o == layer.ops
   with pytest.raises(spaces.SpaceError, match='not allowed'):
     supernet.layer_ops(space, frozen={vital_names[0]: 'skip'})
-  eng = singlepath.SinglePathEngine(space, supernet.layer_ops(space, vital_only=True))
+  eng = single_path.SinglePathEngine(space, supernet.layer_ops(space, vital_only=True))
   assert eng.choice_layers == vital_names
 
 
 def test_all_candidates_engine(space, batch):
   images, labels = batch
-  eng = wholenet.WholeNetEngine(space, supernet.layer_ops(space))
+  eng = all_candidates.AllCandidatesEngine(space, supernet.layer_ops(space))
   state = eng.init(3, (RES, RES, 3))
   mask = space.op_mask()
   uniform = engines.Choice(space.searchable_names, jnp.zeros(len(mask), jnp.int32),

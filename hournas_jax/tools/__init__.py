@@ -7,7 +7,7 @@
 
 Each prints one `error: ...` line and exits 2 on bad input (export: 2 for a bad flag, the
 error's exit code, 1, for an export that cannot be made, as main.py). What they compute lives
-in the library modules (`costs.py`, `vital.py`, `proposals.py`, `latency.py`, `export.py`);
+in the library modules (`costs.py`, `vital.py`, `proposals.py`, `latency/`, `export/`);
 this package holds argument parsing and printing only.
 """
 

@@ -6,7 +6,7 @@
 
 --workdir exports the workdir's trained model (its config.json, in mode 'export'); --arch and
 --out an architecture with fresh weights. The formats, checks and report are described in
-`hournas_jax/export.py`.
+the `hournas_jax.export` package.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import json
 import os
 import sys
 
-from hournas_jax import errors, export, logging_utils, tools
+import ml_collections
+
+from hournas_jax import arch as arch_lib
+from hournas_jax import errors, export, logging_utils, spaces, tools
 
 
 def build_parser() -> tools.Parser:
@@ -55,7 +58,6 @@ def build_parser() -> tools.Parser:
 
 
 def _settings_from_args(args):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict({
       'formats': args.formats, 'tflite_precision': args.precision, 'threads': args.threads,
       'warmup': args.warmup, 'repeats': args.repeats, 'examples': args.examples,
@@ -65,7 +67,6 @@ def _settings_from_args(args):
 def _workdir_config(args):
   """The config of the workdir's latest run (<workdir>/config.json) in mode 'export', over
   configs/default.py's defaults where it lacks a field, with the command line's settings."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   path = os.path.join(args.workdir, 'config.json')
   if not os.path.exists(path):
     raise export.ExportError(f'no config.json in {args.workdir}: not a workdir of main.py '
@@ -96,15 +97,14 @@ def _workdir_config(args):
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  from hournas_jax import spaces  # pylint: disable=g-import-not-at-top
   try:
     if args.workdir:
+      # The driver runs the 'export' mode as it runs every mode: checks, lock, config.json.
       from hournas_jax import train  # pylint: disable=g-import-not-at-top
       train.train_and_evaluate(_workdir_config(args), args.workdir)
       return 0
     if not args.arch or not args.out:
       raise export.ExportError('give --workdir, or --arch and --out')
-    from hournas_jax import arch as arch_lib  # pylint: disable=g-import-not-at-top
     space_name = args.space or (arch_lib.PRESETS[args.arch][0] if args.arch in arch_lib.PRESETS
                                 else 'fbnet')
     space = spaces.get_space(space_name, resolution=args.image_size,
@@ -112,26 +112,24 @@ def main(argv=None) -> int:
                              stem_stride=args.stem_stride)
     if args.channels < 1:
       raise export.ExportError(f'--channels must be >= 1, got {args.channels}')
-    settings = export.export_settings(_settings_from_args(args))
-    if 'onnx' in settings['formats']:
-      export.require_onnx()
+    settings = export.check_config(_settings_from_args(args))
+    export.require(settings.formats)  # before any slow work
     ops = arch_lib.resolve(args.arch, space).ops
     logging_utils.info(f'[export] {args.arch} in {space_name} at {args.image_size}x'
                        f'{args.image_size}x{args.channels}, {args.num_classes} classes, with '
                        f'FRESH (untrained) weights (seed {args.seed}), BatchNorm statistics of '
-                       f'{settings["calibration_examples"]} random inputs')
+                       f'{settings.calibration_examples} random inputs')
     image_shape = (args.image_size, args.image_size, args.channels)
-    calibration = export.random_inputs(image_shape, settings['calibration_examples'],
+    calibration = export.random_inputs(image_shape, settings.calibration_examples,
                                        export.CALIBRATION_SEED)
     model = export.network_model(space, ops, image_shape=image_shape, seed=args.seed,
                                  calibration=calibration,
                                  info={'source': 'fresh weights', 'arch': args.arch,
                                        'seed': args.seed})
-    export.export_model(model, args.out, formats=settings['formats'],
-                        precisions=settings['precisions'], threads=settings['threads'],
-                        representative=calibration,
-                        warmup=settings['warmup'], repeats=settings['repeats'],
-                        examples=settings['examples'])
+    export.export_model(model, args.out, formats=settings.formats,
+                        precisions=settings.precisions, threads=settings.threads,
+                        representative=calibration, warmup=settings.warmup,
+                        repeats=settings.repeats, examples=settings.examples)
     return 0
   except errors.UserError as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)

@@ -3,8 +3,9 @@
     python -m hournas_jax.tools.latency --space fbnet --image-size 224 --num-classes 1000 \\
         --runtime tflite --threads 1 --out table.json [--width 1.0] [--ops k3e1,k5e6,skip]
 
-The table, its protocol and its use are described in `hournas_jax/latency.py`; a rerun with
-the same --out resumes it.
+The table, its protocol and its use are described in `hournas_jax/latency/__init__.py`; a
+rerun with the same --out resumes it. The summary prints the load and spread figures the table
+records, and a `warning:` line when they were taken on a busy machine.
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ def build_parser() -> tools.Parser:
                  help='wall: the latency on an idle machine; process_cpu: the CPU time of the '
                  'process, for a machine shared with other work (single-threaded runtimes)')
   p.add_argument('--warmup', type=int, default=latency.DEFAULT_WARMUP)
-  p.add_argument('--repeats', type=int, default=latency.DEFAULT_REPEATS)
+  p.add_argument('--repeats', type=int, default=latency.DEFAULT_REPEATS,
+                 help='samples per measurement (each of --min-sample-ms)')
+  p.add_argument('--min-sample-ms', type=float, default=latency.DEFAULT_MIN_SAMPLE_MS,
+                 help='each sample times back-to-back runs until it spans this long (0: one '
+                 'run a sample)')
+  p.add_argument('--max-spread', type=float, default=latency.DEFAULT_MAX_SPREAD,
+                 help='a measurement with a wider (p90 - p10) / median is timed again')
+  p.add_argument('--retries', type=int, default=latency.DEFAULT_RETRIES,
+                 help='times a measurement is timed again while too wide')
+  p.add_argument('--calibration', type=int, default=latency.DEFAULT_CALIBRATION,
+                 help='whole networks measured to correct the sums of blocks (0: none)')
   p.add_argument('--out', required=True, help='the table (JSON); resumed if it exists')
   p.add_argument('--overwrite', action='store_true',
                  help='start the table again if it was measured another way')
@@ -48,6 +59,10 @@ def main(argv=None) -> int:
   try:
     if args.warmup < 0 or args.repeats < 1:
       raise latency.LatencyError('--warmup must be >= 0 and --repeats >= 1')
+    if not (args.min_sample_ms >= 0 and args.max_spread > 0 and args.retries >= 0
+            and args.calibration >= 0):
+      raise latency.LatencyError('--min-sample-ms, --retries and --calibration must be >= 0, '
+                                 '--max-spread > 0')
     if args.precision != 'float32' and args.runtime != 'tflite':
       raise latency.LatencyError('--precision applies to --runtime tflite only')
     ops = tuple(o.strip() for o in args.ops.split(',') if o.strip()) or None
@@ -57,17 +72,21 @@ def main(argv=None) -> int:
       raise latency.LatencyError(f'--channels must be 1 or 3, got {args.channels}')
     threads = latency.setup_threads(args.runtime, args.threads)
     protocol = latency.Protocol(args.runtime, threads, args.warmup, args.repeats,
-                                args.precision, args.timer)
+                                args.precision, args.timer, args.min_sample_ms,
+                                args.calibration)
+    runtime = latency.Runtime(protocol, max_spread=args.max_spread, retries=args.retries)
     t = time.perf_counter()
     table = latency.build_table(space, protocol, args.out, channels=args.channels,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, runtime=runtime)
+    lo, hi = latency.latency_tables(table, space, channels=args.channels).bounds()
   except (spaces.SpaceError, errors.UserError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   n = sum(len(v) for v in table['latency_ms'].values())
   print(f'{args.out}: {n} entries, overhead {table["overhead_ms"]["median"]:.4f} ms, '
         f'{time.perf_counter() - t:.0f} s')
-  lo, hi = latency.latency_tables(table, space, channels=args.channels).bounds()
+  for line in latency.quality_lines(table):
+    print(line)
   print(f'predicted latency of the space{" (these ops)" if ops else ""}: {lo:.4f} to '
         f'{hi:.4f} ms ({args.runtime}, threads {threads})')
   return 0

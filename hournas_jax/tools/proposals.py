@@ -51,7 +51,8 @@ def build_parser() -> tools.Parser:
               description='Optimise HourNAS space proposals for params/FLOPs targets.')
   p.add_argument('--space', default='fbnet', help=f'one of {", ".join(spaces.SPACE_NAMES)}')
   p.add_argument('--params', type=tools.finite_float, help='target parameters, e.g. 4.8e6')
-  p.add_argument('--flops', type=tools.finite_float, help='target FLOPs (multiply-adds), e.g. 300e6')
+  p.add_argument('--flops', type=tools.finite_float,
+                 help='target FLOPs (multiply-adds), e.g. 300e6')
   p.add_argument('--proposals', type=tools.positive_int, default=8, help='m, number of proposals')
   p.add_argument('--resolution', type=tools.positive_int, default=224)
   p.add_argument('--classes', type=tools.positive_int, default=1000)
@@ -71,7 +72,8 @@ def build_parser() -> tools.Parser:
 
 
 def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_proposals=8,
-        seed=0, iterations=proposals.DEFAULT_ITERATIONS, tau_decay=proposals.DEFAULT_TAU_DECAY, samples=10000,
+        seed=0, iterations=proposals.DEFAULT_ITERATIONS,
+        tau_decay=proposals.DEFAULT_TAU_DECAY, samples=10000,
         fixed: Mapping[int, int] | None = None, plot: str | None = None) -> dict:
   """Optimises and evaluates proposals; returns the summary the CLI prints.
 
@@ -99,8 +101,8 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
   opt_key, sample_key = jax.random.split(key)
   # Wall time is the bar; CPU time (all threads) tells a busy machine from a slow program.
   start, cpu_start = time.perf_counter(), time.process_time()
-  thetas, final_tau = proposals.optimize_proposals(opt_key, tables, mask, offset, target_values, maxima,
-                                         active, num_proposals=num_proposals,
+  thetas, final_tau = proposals.optimize_proposals(opt_key, tables, mask, offset, target_values,
+                                                   maxima, active, num_proposals=num_proposals,
                                          iterations=iterations, tau_decay=tau_decay)
   thetas = jax.block_until_ready(thetas)
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -162,7 +164,8 @@ def _print_summary(s: dict) -> None:
   print(f'{"proposal":>8} {"E[params]":>10} {"E[FLOPs]":>10} {"within 5%":>10}')
   for k, p in enumerate(s['per_proposal']):
     w = '-' if p['within_5pct'] is None else f'{p["within_5pct"]:.1%}'
-    print(f'{k:>8} {costs.millions(p["expected_params"], 2):>10} {costs.millions(p["expected_flops"]):>10} '
+    print(f'{k:>8} {costs.millions(p["expected_params"], 2):>10} '
+          f'{costs.millions(p["expected_flops"]):>10} '
           f'{w:>10}')
   d = s['diversity']
   print(f'diversity: {d["distinct_architectures"]} distinct argmax architectures, '

@@ -1,4 +1,4 @@
-"""The device-resident engine (hournas_jax/switchnet.py) against the chained single-path one:
+"""The device-resident engine (hournas_jax/engines/switch.py) against the chained single-path one:
 the same weights, batch and path give the same loss, gradients and updated state; a search
 through it makes no host round trip between reports."""
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from jax._src import array as jax_array
 
-from hournas_jax import costs, engines, search, singlepath, supernet, switchnet
+from configs import default
+from hournas_jax import costs, engines, search, supernet
+from hournas_jax.engines import single_path, switch as switch_engine
 from spaces_for_tests import toy_space
 
 RES = 16
@@ -25,8 +27,8 @@ def _batch(seed=0, n=8):
 
 def _engines(space, ops, weight_sharing):
   kwargs = dict(momentum=0.9, weight_decay=4e-5, weight_sharing=weight_sharing)
-  return (singlepath.SinglePathEngine(space, ops, **kwargs),
-          switchnet.SwitchEngine(space, ops, **kwargs))
+  return (single_path.SinglePathEngine(space, ops, **kwargs),
+          switch_engine.SwitchEngine(space, ops, **kwargs))
 
 
 def _close(a, b):
@@ -80,17 +82,17 @@ def test_steps_equal_the_chained_engine(weight_sharing):
 
 
 def _config(engine, **overrides):
-  cfg = dict(num_proposals=2, proposal_iterations=0, tau0=5.0, tau_decay=0.9999, weight_lr=0.1,
-             momentum=0.9, weight_decay=4e-5, arch_lr=0.01, alpha=1.0, vital_priority=True,
-             sampler='gumbel_max', val_every=2, engine=engine)
+  cfg = default.get_search_config()
+  cfg.update(dict(num_proposals=2, proposal_iterations=0, val_every=2, engine=engine))
   cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  return cfg
 
 
 def _targets(space):
   ops = ('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip')
   params, flops = costs.cost_tables(space).cost([space.op_names.index(o) for o in ops])
-  return ml_collections.ConfigDict({'params': float(params), 'flops': float(flops)})
+  return ml_collections.ConfigDict({'params': float(params), 'flops': float(flops),
+                                    'latency_ms': 0.0})
 
 
 def _search(engine, steps=None, guarded_from=None, stage_steps=3, **overrides):
@@ -114,22 +116,50 @@ def _search(engine, steps=None, guarded_from=None, stage_steps=3, **overrides):
   return s, state, metrics
 
 
-def test_a_search_through_it_runs_as_through_the_chained_engine():
+def test_a_search_through_it_runs_as_through_the_chained_engine(monkeypatch):
   """Both stages, weight and architecture steps, the same sampled paths: the same losses at
-  every step, and the SuperNet ends with the same weights. The architecture parameters are
-  held still (arch_lr 0): at initialisation a gate in front of a BatchNorm has a gradient of
-  zero up to rounding, and Adam would normalise that rounding noise into steps that differ
-  between any two implementations (the gradients themselves are compared above)."""
+  every step, the same architecture gradients (in Adam's moments), and the SuperNet ends with
+  the same weights. The architecture parameters are held still (arch_lr 0): at initialisation a
+  gate in front of a BatchNorm has a gradient of zero up to rounding, and Adam would normalise
+  that rounding noise into steps that differ between any two implementations (the gradients
+  themselves are compared above).
+
+  Through the switch engine each iteration is one program: the samples, the weight step and,
+  when due, the architecture step and its update, fused by the searcher. The engine's own
+  step programs and the chained iteration are refused, and the fused program is called once an
+  iteration."""
+  dispatches = []
+  fused_program = search.Searcher._fused_program
+
+  def counted(self, stage, weight_step, arch_step):
+    program = fused_program(self, stage, weight_step, arch_step)
+
+    def dispatch(*args):
+      dispatches.append((weight_step, arch_step))
+      return program(*args)
+    return dispatch
+
+  def refused(*args, **kwargs):
+    raise AssertionError('a fused iteration dispatched a program of its own')
+
   runs = {}
   for engine in ('single_path', 'switch'):
+    if engine == 'switch':
+      monkeypatch.setattr(search.Searcher, '_fused_program', counted)
+      monkeypatch.setattr(search.Searcher, '_chained_iteration', refused)
+      for name in ('train_step', 'arch_grads', 'path_loss', '_program'):
+        monkeypatch.setattr(switch_engine.SwitchEngine, name, refused)
     s, state, metrics = _search(engine, arch_lr=0.0)
     runs[engine] = (state, [float(m['loss']) for m in metrics],
                     [float(m['val_loss']) for m in metrics if 'val_loss' in m])
   (chained, c_loss, c_val), (switch, s_loss, s_val) = runs['single_path'], runs['switch']
   assert switch.stage == chained.stage == 'done' and switch.vital_ops == chained.vital_ops
+  assert len(dispatches) == len(s_loss) == switch.step
+  assert set(dispatches) == {(True, False), (True, True)}  # weight steps, and with an arch step
   np.testing.assert_allclose(s_loss, c_loss, rtol=1e-4)
   np.testing.assert_allclose(s_val, c_val, rtol=1e-4)
   _close(chained.weights, switch.weights)
+  _close(chained.arch_opt, switch.arch_opt)
 
 
 @contextlib.contextmanager
@@ -192,9 +222,9 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   space = toy_space(RES)
   ops = supernet.layer_ops(space)
   kwargs = dict(momentum=0.9, weight_decay=4e-5, dtype=jnp.bfloat16)
-  chained = singlepath.SinglePathEngine(space, ops, **kwargs)
-  switch = switchnet.SwitchEngine(space, ops, **kwargs)
-  full = switchnet.SwitchEngine(space, ops, momentum=0.9, weight_decay=4e-5)
+  chained = single_path.SinglePathEngine(space, ops, **kwargs)
+  switch = switch_engine.SwitchEngine(space, ops, **kwargs)
+  full = switch_engine.SwitchEngine(space, ops, momentum=0.9, weight_decay=4e-5)
   state = full.init(0, (RES, RES, 3))
   choice, batch = engines.Choice.from_path(space, PATHS[0]), _batch()
   jaxpr = str(jax.make_jaxpr(lambda s: switch._train_step(choice.layers, s, batch['image'],  # pylint: disable=protected-access
@@ -212,3 +242,15 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
                after['params'], reference['params'])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3),
                after['params'], chained_after['params'])
+
+
+def test_auto_engine_chooses_by_platform():
+  """search.engine='auto': the chained engine on a CPU, the fused switch engine on an
+  accelerator; the relaxed sampler keeps its only engine."""
+  assert engines.auto_engine('gumbel_max', 'cpu') == 'single_path'
+  assert engines.auto_engine('gumbel_max', 'gpu') == engines.auto_engine('gumbel_max',
+                                                                          'tpu') == 'switch'
+  assert engines.auto_engine('gumbel_softmax', 'gpu') == 'all_candidates'
+  here = engines.ENGINES[engines.auto_engine('gumbel_max')]
+  assert engines.engine_class('auto', 'gumbel_max') is here
+  search.check_config(_config('auto'))

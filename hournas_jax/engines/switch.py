@@ -3,11 +3,17 @@
 Each SuperBlock with several candidates becomes a `lax.switch` over them, selected by the
 sampled op index, which stays on the device: a search step neither reads the path back to the
 host nor dispatches one program per layer, and XLA sees the whole network (fusion across
-layers, one backward pass). The step's result is what `singlepath.SinglePathEngine` computes
+layers, one backward pass). The step's result is what `single_path.SinglePathEngine` computes
 from the same weights, batch and path (tests check it): only the sampled candidates' weights,
 momenta and BatchNorm statistics change, because the other branches of a switch get zero
 gradients and their updates are masked out, and d loss / d A[l, o] is the gradient of a gate
 (1 in value) on the sampled op's output, <d loss / d y_l, y_l>.
+
+Its steps are pure functions of arrays (`step_function`; the engine is `fusable`), so the
+searcher traces them together with the stage's sampler and architecture update: a search
+iteration -- sample, weight step and, when due, sample, architecture gradient and Adam update --
+is one dispatched program (`search.Searcher._fused_program`). The methods of the engine
+interface compile each step alone, for callers that take one step at a time.
 
 Why it is not the default on a CPU: XLA:CPU takes a slow path for the gradient of a
 convolution inside a conditional (docs/cpu-performance.md), so there the chained engine is
@@ -17,74 +23,67 @@ what the chained engine loses (benchmarks/accelerator.py measures both).
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hournas_jax import engines, optim, spaces, supernet
+from hournas_jax import optim, supernet
+from hournas_jax.engines import base
 
 
-class SwitchEngine:
-  """The engine interface of `engines.py` for Gumbel-Max paths, one program per step."""
+class SwitchEngine(base.SuperNetEngine):
+  """The engine interface (`base.Engine`) for Gumbel-Max paths, one program per step."""
 
   runs = 'path'
+  fusable = True
 
-  def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
-               weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0, weight_sharing: bool = False, dtype=None):
-    self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing),
-                                 dtype=dtype)
-    self.chain = self.net.active_layers
-    self.choice_layers = tuple(l.name for l, o in self.chain if len(o) > 1)
-    self.direction = optim.weight_direction(momentum, weight_decay, nesterov)
-    self.label_smoothing = float(label_smoothing)
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
     self._candidates = {l.name: tuple(self.net.candidate(l, op) for op in o)
                         for l, o in self.chain}
     # Global op index (space.op_names) -> position among the layer's candidates.
     self._position = {}
     for l, o in self.chain:
       if len(o) > 1:  # choice layers; stem, head and fixed layers hold ops outside op_names
-        table = np.zeros(len(space.op_names), np.int32)
+        table = np.zeros(len(self.space.op_names), np.int32)
         for i, op in enumerate(o):
-          table[space.op_names.index(op)] = i
+          table[self.space.op_names.index(op)] = i
         self._position[l.name] = table
     self._programs = {}
 
-  def init(self, seed: int, image_shape) -> dict:
-    return optim.init_train_state(self.net, self.direction, seed, image_shape)
+  # ----- The engine interface (base.Engine).
 
-  def state_shapes(self, image_shape) -> dict:
-    """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
-    return optim.train_state_shapes(self.net, self.direction, image_shape)
-
-  # ----- The engine interface (engines.py).
-
-  def train_step(self, state, batch, choice: engines.Choice, lr):
+  def train_step(self, state, batch, choice: base.Choice, lr):
     """One SGD step of the chosen path's weights. Returns (state, metrics on the device)."""
     return self._program('train', choice.layers)(state, batch['image'], batch['label'],
                                                  choice.idx, lr)
 
-  def arch_grads(self, state, batch, choice: engines.Choice):
+  def arch_grads(self, state, batch, choice: base.Choice):
     """(state with new BatchNorm statistics, metrics, d loss / d A [L, O]); weights stay."""
     return self._program('grads', choice.layers)(state, batch['image'], batch['label'],
                                                  choice.idx)
 
-  def path_loss(self, state, batch, choice: engines.Choice):
+  def path_loss(self, state, batch, choice: base.Choice):
     """(state with new BatchNorm statistics, metrics) of the chosen path, forward only."""
     return self._program('loss', choice.layers)(state, batch['image'], batch['label'],
                                                 choice.idx)
 
   # ----- Programs.
 
+  def step_function(self, kind: str, layers):
+    """See `base.SuperNetEngine.step_function`: the searcher fuses these with the sampling and
+    the architecture update into one program per iteration."""
+    fn = {'train': self._train_step, 'grads': self._arch_grads, 'loss': self._path_loss}[kind]
+    return functools.partial(fn, tuple(layers))
+
   def _program(self, kind: str, layers: tuple[str, ...]):
     """The jitted program of `kind` for choices over `layers` (compiled once per stage)."""
     key = (kind, tuple(layers))
     if key not in self._programs:
-      fn = {'train': self._train_step, 'grads': self._arch_grads, 'loss': self._path_loss}[kind]
-      self._programs[key] = jax.jit(lambda *args: fn(tuple(layers), *args))
+      self._programs[key] = jax.jit(self.step_function(kind, layers))
     return self._programs[key]
 
   def _branches(self, layer: str, idx, layers):
@@ -126,9 +125,6 @@ class SwitchEngine:
       return y, {**stats, **updated}
     return run
 
-  def _metrics(self, loss, logits, labels):
-    return {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
-
   def _active(self, layers, idx) -> Mapping[str, Mapping[str, jax.Array]]:
     """{layer: {key: whether the sampled candidate uses that part}} (op and shared kernels)."""
     out = {}
@@ -162,7 +158,7 @@ class SwitchEngine:
         params[name][key] = keep(new_p, p)
         opt[name][key] = keep(new_o, state['opt_state'][name][key])
     new_state = {'params': params, 'batch_stats': stats, 'opt_state': opt}
-    return new_state, self._metrics(loss, logits, labels)
+    return new_state, base.step_metrics(loss, logits, labels)
 
   def _arch_grads(self, layers, state, images, labels, idx):
     gates = {n: jnp.ones((), jnp.float32) for n in self.choice_layers}
@@ -178,9 +174,9 @@ class SwitchEngine:
     rows = [jax.nn.one_hot(idx[i], num_ops) * gate_grads.get(n, 0.0)
             for i, n in enumerate(layers)]
     grad_a = jnp.stack(rows) if rows else jnp.zeros((0, num_ops))
-    return ({**state, 'batch_stats': stats}, self._metrics(loss, logits, labels), grad_a)
+    return ({**state, 'batch_stats': stats}, base.step_metrics(loss, logits, labels), grad_a)
 
   def _path_loss(self, layers, state, images, labels, idx):
     logits, stats = self._forward(layers, state['params'], state['batch_stats'], images, idx)
     loss = optim.cross_entropy(logits, labels, self.label_smoothing)
-    return {**state, 'batch_stats': stats}, self._metrics(loss, logits, labels)
+    return {**state, 'batch_stats': stats}, base.step_metrics(loss, logits, labels)

@@ -16,6 +16,10 @@ batch-sharded inputs every program is data-parallel over the device mesh, BatchN
 included (they are reduced over the global batch). Gradients for the architecture come from the
 straight-through gate of Eqn 3: the sampled op's output is scaled by A[l, o] (1 in value), so
 d loss / d A[l, o] = <d loss / d y_l, y_l>, computed from the stored outputs.
+
+Programs are many (the 9-op FBNet space: ~300, `benchmarks/supernet_step.py`), and XLA:CPU
+keeps tens of memory mappings per program: an engine installs `compiles.MapGuard`, which stops
+with one line naming vm.max_map_count and the remedies before a compile would cross it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hournas_jax import blocks, engines, optim, spaces, supernet
+from hournas_jax import blocks, compiles, optim
+from hournas_jax.engines import base
 
 
 def _apply_train(candidate, params, stats, x):
@@ -71,8 +76,7 @@ def _head(hyper, smoothing, update, candidate, params, stats, opt_state, x, labe
   if update:
     params, opt_state = optim.sgd_update_parts(optim.weight_direction(*hyper), params,
                                                opt_state, gp, lr)
-  metrics = {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
-  return metrics, gx, params, opt_state, new_stats
+  return base.step_metrics(loss, logits, labels), gx, params, opt_state, new_stats
 
 
 # One cache of compiled programs per process, keyed by (candidate, shapes, hyper-parameters):
@@ -105,41 +109,23 @@ def _copy(tree):
   return {k: dict(v) for k, v in tree.items()}
 
 
-class SinglePathEngine:
-  """Trains a SuperNet one sampled path at a time (the engine interface of `engines.py`).
+class SinglePathEngine(base.SuperNetEngine):
+  """Trains a SuperNet one sampled path at a time (the engine interface, `base.Engine`).
 
-  State is a plain pytree {'params', 'batch_stats', 'opt_state'}, each {layer: {op: tree}}
-  (plus {layer: {'shared': ...}} with weight sharing), so it checkpoints as is and loads into
-  `supernet.SuperNet` for whole-network use. The path-level methods (`train_path`,
-  `path_gates`, `recalibrate`, `logits`) take the path as {layer: op}.
+  The path-level methods (`train_path`, `path_gates`, `recalibrate`, `logits`) take the path
+  as {layer: op}.
   """
 
   runs = 'path'
 
-  def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
-               weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0, weight_sharing: bool = False, dtype=None):
-    self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing),
-                                 dtype=dtype)
-    self.chain = self.net.active_layers
-    # Layers where a choice is made each step (more than one candidate).
-    self.choice_layers = tuple(l.name for l, o in self.chain if len(o) > 1)
-    hyper = (float(momentum), float(weight_decay), bool(nesterov))
-    self.direction = optim.weight_direction(*hyper)
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
     self._candidates = {(l.name, op): self.net.candidate(l, op)
                         for l, ops_ in self.chain for op in ops_}
-    self._bwd_update = functools.partial(_bwd_update, hyper)
-    smoothing = float(label_smoothing)
-    self._head_update = functools.partial(_head_step, hyper, smoothing, True)
-    self._head_loss = functools.partial(_head_step, hyper, smoothing, False)
-
-  def init(self, seed: int, image_shape) -> dict:
-    return optim.init_train_state(self.net, self.direction, seed, image_shape)
-
-  def state_shapes(self, image_shape) -> dict:
-    """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
-    return optim.train_state_shapes(self.net, self.direction, image_shape)
+    self._bwd_update = functools.partial(_bwd_update, self.hyper)
+    self._head_update = functools.partial(_head_step, self.hyper, self.label_smoothing, True)
+    self._head_loss = functools.partial(_head_step, self.hyper, self.label_smoothing, False)
+    compiles.install_map_guard()
 
   def _path_ops(self, path: Mapping[str, str]):
     return [(l.name, ops[0] if len(ops) == 1 else path[l.name]) for l, ops in self.chain]
@@ -159,13 +145,13 @@ class SinglePathEngine:
       _put(new_stats, name, s)
     return chain, inputs, x, new_stats
 
-  # ----- The engine interface (engines.py).
+  # ----- The engine interface (base.Engine).
 
-  def train_step(self, state, batch, choice: engines.Choice, lr):
+  def train_step(self, state, batch, choice: base.Choice, lr):
     """One SGD step of the chosen path's weights. Returns (state, metrics)."""
     return self.train_path(state, batch['image'], batch['label'], choice.path(self.space), lr)
 
-  def arch_grads(self, state, batch, choice: engines.Choice):
+  def arch_grads(self, state, batch, choice: base.Choice):
     """(state with new BatchNorm statistics, metrics, d loss / d A [L, O]): only the sampled
     entries of A are non-zero. A layer with a single candidate (an op subset can leave one,
     e.g. no skip where the shape changes) has no gate: its op is not a choice, so its gradient
@@ -180,7 +166,7 @@ class SinglePathEngine:
                         for i, n in enumerate(choice.layers)])
     return state, metrics, grad_a
 
-  def path_loss(self, state, batch, choice: engines.Choice):
+  def path_loss(self, state, batch, choice: base.Choice):
     """Loss of the chosen path, forward only (the score-function architecture gradient).
 
     As `arch_grads` without the backward pass through the blocks: weights are not updated,

@@ -3,12 +3,12 @@ network.
 
 Each SuperBlock outputs the sum of its candidates weighted by the relaxed sample A (FBNet's
 Gumbel-softmax weights), so every candidate's weights move every step. With one op per layer
-(`supernet.fixed_layer_ops`) and `engines.Choice.none` it is the fixed network, compiled as one
+(`supernet.fixed_layer_ops`) and `base.Choice.none` it is the fixed network, compiled as one
 program (the reference of `benchmarks/supernet_step.py`; retraining has its own recipe in
 `retrain.py`).
 
-State has the layout of `singlepath.SinglePathEngine` ({layer: {op: tree}}), so one checkpoint
-format serves both.
+State has the layout of every engine (`base.EngineState`, {layer: {op: tree}}), so one
+checkpoint format serves them all.
 """
 
 from __future__ import annotations
@@ -16,61 +16,48 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hournas_jax import engines, optim, spaces, supernet
+from hournas_jax import optim
+from hournas_jax.engines import base
 
 
-class WholeNetEngine:
-  """The engine interface of `engines.py` over every candidate, weighted by A."""
+class AllCandidatesEngine(base.SuperNetEngine):
+  """The engine interface (`base.Engine`) over every candidate, weighted by A."""
 
   runs = 'all'
 
-  def __init__(self, space: spaces.SearchSpace, ops, *, momentum: float = 0.9,
-               weight_decay: float = 4e-5, nesterov: bool = False,
-               label_smoothing: float = 0.0, weight_sharing: bool = False, dtype=None):
-    self.space = space
-    self.net = supernet.SuperNet(space, tuple(ops), weight_sharing=bool(weight_sharing),
-                                 dtype=dtype)
-    self.choice_layers = tuple(l.name for l, o in self.net.active_layers if len(o) > 1)
-    self.direction = optim.weight_direction(momentum, weight_decay, nesterov)
-    self.label_smoothing = label_smoothing
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
     self._train = jax.jit(self._train_step)
     self._grads = jax.jit(self._arch_grads)
     self._loss_only = jax.jit(self._path_loss)
     self.logits = jax.jit(self._logits)
 
-  def init(self, seed: int, image_shape) -> dict:
-    return optim.init_train_state(self.net, self.direction, seed, image_shape)
+  # ----- The engine interface (base.Engine).
 
-  def state_shapes(self, image_shape) -> dict:
-    """The state's structure as jax.ShapeDtypeStruct leaves, without computing it."""
-    return optim.train_state_shapes(self.net, self.direction, image_shape)
-
-  # ----- The engine interface (engines.py).
-
-  def train_step(self, state, batch, choice: engines.Choice, lr):
+  def train_step(self, state, batch, choice: base.Choice, lr):
     """One SGD step of every candidate. Returns (state, metrics)."""
     return self._train(state, batch['image'], batch['label'], lr, self._relaxed(choice))
 
-  def arch_grads(self, state, batch, choice: engines.Choice):
+  def arch_grads(self, state, batch, choice: base.Choice):
     """(state with new BatchNorm statistics, metrics, d loss / d A [L, O]); weights stay."""
     state, metrics, grads = self._grads(state, batch['image'], batch['label'],
                                         self._relaxed(choice))
-    cols = engines.columns(self.space, choice.layers)
+    cols = base.columns(self.space, choice.layers)
     num_ops = len(self.space.op_names)
     grad_a = jnp.stack([jnp.zeros(num_ops).at[jnp.asarray(cols[n])].set(grads[n])
                         for n in choice.layers]) if choice.layers else jnp.zeros((0, num_ops))
     return state, metrics, grad_a
 
-  def path_loss(self, state, batch, choice: engines.Choice):
+  def path_loss(self, state, batch, choice: base.Choice):
     """(state with new BatchNorm statistics, metrics) of the weighted network, forward only."""
     return self._loss_only(state, batch['image'], batch['label'], self._relaxed(choice))
 
-  def _relaxed(self, choice: engines.Choice):
+  def _relaxed(self, choice: base.Choice):
     """{layer: weights over the layer's candidates, in its own op order} from A [L, O]; None
     for a fixed network."""
     if not choice.layers:
       return None
-    cols = engines.columns(self.space, choice.layers)
+    cols = base.columns(self.space, choice.layers)
     return {n: choice.a[i, jnp.asarray(cols[n])] for i, n in enumerate(choice.layers)}
 
   # ----- Programs.
@@ -80,8 +67,7 @@ class WholeNetEngine:
         {'params': params, 'batch_stats': stats}, images, weights=weights, train=True,
         mutable=['batch_stats'])
     loss = optim.cross_entropy(logits, labels, self.label_smoothing)
-    metrics = {'loss': loss, 'accuracy': optim.correct_topk(logits, labels) / labels.shape[0]}
-    return loss, (metrics, updated['batch_stats'])
+    return loss, (base.step_metrics(loss, logits, labels), updated['batch_stats'])
 
   def _train_step(self, state, images, labels, lr, weights):
     grads, (metrics, stats) = jax.grad(self._loss, has_aux=True)(
