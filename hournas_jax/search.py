@@ -376,7 +376,12 @@ class Searcher:
 
   def _start_nonvital(self, state: SearchState) -> SearchState:
     """Builds the space proposals for the layers left after the vital stage."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), 2 ** 31)
+    # The proposals are fitted from the host's copy of the key, on one device. Compiled for a
+    # replicated mesh, the same fitting loop rounds differently (4 CPU devices: thetas apart by
+    # up to 0.2 of 13), and Adam on sampled costs followed by a top-k by hit rate turns that
+    # into other proposals: the search would depend on the device count.
+    host_key = jnp.asarray(mesh_lib.to_host(state.key))
+    key = jax.random.fold_in(jax.random.wrap_key_data(host_key), 2 ** 31)
     try:
       arch = self.stage_of(state).init_arch(key, self.tau(state))
     except stages.StageError as e:

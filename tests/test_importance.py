@@ -166,12 +166,11 @@ def test_masking_mode_on_a_trained_network(masked_run):
       assert row['top1']['1']['mean'] <= majority + 1e-9, name
       assert not row['shortcut']
     else:
-      # Its shortcut keeps the path alive: above chance. (The first residual block of so
-      # shallow a network carries much of the signal, so it drops the most.)
+      # Its shortcut keeps the path alive: above chance. How far above depends on how much
+      # of the signal the block carries in so shallow a network (40-90% here), which moves
+      # with the XLA build, so only the margin over chance is asserted.
       assert row['shortcut']
       assert row['top1']['1']['mean'] > majority + 0.03, name
-  assert rows['layer2_2']['top1']['1']['mean'] > 0.5
-  assert rows['layer3_2']['top1']['1']['mean'] > 0.8
   drops = summary['mean_drop']
   assert drops['vital']['1'] > drops['non_vital']['1'] + 0.3
   assert drops['vital']['0'] == drops['non_vital']['0'] == 0.0
