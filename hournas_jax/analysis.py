@@ -102,8 +102,9 @@ def plot_proposals(path: str, params: np.ndarray, flops: np.ndarray,
 
 
 def layer_probabilities(space: spaces.SearchSpace, result: Mapping) -> dict:
-  """{layer: {op: p}} for every searchable layer that has a distribution: the vital layers'
-  from theta_vital (stage 1, at tau = 1) and the others' from the result's probabilities."""
+  """{layer: {op: p}} for every searchable layer that has a distribution: the result's
+  probabilities (each stage's at the tau it ended with); results written before those held the
+  vital layers have them from theta_vital at tau = 1."""
   probs = dict(result.get('probabilities') or {})
   theta_vital = result.get('theta_vital')
   if theta_vital is not None:

@@ -415,7 +415,8 @@ def load_model(setup: setup_lib.Setup, run_dir: str, phase: str = 'train'):
     space = spaces.get_space(meta['space'], resolution=int(meta['resolution']),
                              num_classes=int(meta['num_classes']), width=float(meta['width']),
                              ops=tuple(meta['space_ops']),
-                             stem_stride=int(meta.get('stem_stride', 2)))
+                             stem_stride=int(meta.get('stem_stride', 2)),
+                             in_channels=int(meta['image_shape'][-1]))
     trainer = Retrainer(space, meta['ops'], ml_collections.ConfigDict(meta['train']),
                         image_shape=tuple(meta['image_shape']),
                         steps_per_epoch=int(meta.get('steps_per_epoch', 1)),

@@ -394,8 +394,18 @@ class Searcher:
   # Results.
 
   def probabilities(self, state: SearchState) -> dict:
-    """{layer: {op: probability}} of the current stage's distribution at tau = 1."""
-    return self.stage_of(state).probabilities(state.arch)
+    """{layer: {op: probability}} of the current stage's distribution at the state's tau (the
+    distribution the search samples from)."""
+    return self.stage_of(state).probabilities(state.arch, self.tau(state))
+
+  def vital_probabilities(self, state: SearchState) -> dict:
+    """{vital layer: {op: probability}} of theta_vital at the tau of stage 1's end; {} before
+    that end or without vital priority."""
+    if state.theta_vital is None:
+      return {}
+    tau = self.schedule.tau_at(self.schedule.stage_iterations('vital'))
+    theta = jnp.asarray(state.theta_vital, jnp.float32)
+    return self._stage('vital', {}).probabilities({'theta': theta}, tau)
 
   def architecture(self, state: SearchState) -> arch_lib.Architecture:
     if state.stage == 'vital':
@@ -425,7 +435,8 @@ class Searcher:
         'fixed_ops': dict(self.problem.fixed_ops),
         'theta_vital': state.theta_vital,
         'pi': pi.tolist(), 'proposal': int(np.argmax(pi)),
-        'probabilities': self.probabilities(state),
+        'tau': float(self.tau(state)),
+        'probabilities': {**self.vital_probabilities(state), **self.probabilities(state)},
         'resolution': self.space.resolution, 'num_classes': self.space.num_classes,
         'width': self.space.width,
         'steps': dict(state.counters),

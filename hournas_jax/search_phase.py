@@ -24,7 +24,6 @@ from hournas_jax import latency
 from hournas_jax import logging_utils
 from hournas_jax import loop
 from hournas_jax import mesh as mesh_lib
-from hournas_jax import sampling
 from hournas_jax import search
 from hournas_jax import setup as setup_lib
 
@@ -231,7 +230,7 @@ def _search_history(workdir: str, searcher, state, resumed_step):
   stage, tau (the schedule's at that step), probabilities {layer: {op: p}} at that tau (stage 1:
   theta_vital; stage 2: the proposal with the highest pi), and in stage 2 pi (softmax) and that
   proposal's index. TensorBoard gets scalars only; this file is how theta and pi move over the
-  search. (The result's probabilities are at tau = 1, not at the tau the search draws at.)
+  search.
 
   A fresh search (resumed_step None) starts the file with its step 0; a resumed one drops the
   lines after its checkpoint's step, which it takes again, so the file reads as the
@@ -262,12 +261,9 @@ def _search_history(workdir: str, searcher, state, resumed_step):
     if stage == 'vital' and 'theta' not in arch:  # the vital stage has just ended
       arch = {'theta': np.asarray(state.theta_vital, np.float32)}
     tau = float(searcher.tau(state))
-    # Searcher.probabilities is at tau = 1, and softmax(theta / t) = softmax of theta / t at 1.
-    t = float(sampling.sampling_tau(tau, searcher.problem.tau_mode))
-    scaled = {k: v / t if k in ('theta', 'thetas') else v for k, v in arch.items()}
     line = {'step': state.step, 'stage': stage, 'tau': tau,
             'probabilities': searcher.stage_of(state.replace(stage=stage)).probabilities(
-                scaled)}
+                arch, tau)}
     if 'pi' in arch:
       pi = np.asarray(jax.nn.softmax(arch['pi']))
       line.update(pi=pi.tolist(), proposal=int(np.argmax(pi)))

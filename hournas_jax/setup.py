@@ -175,7 +175,7 @@ def resolve_setup(config, workdir: str) -> Setup:
   ops = tuple(o.strip() for o in config.ops.split(',') if o.strip()) or None
   space = spaces.get_space(config.space, resolution=image_size,
                            num_classes=int(info['num_classes']), width=config.width, ops=ops,
-                           stem_stride=config.stem_stride)
+                           stem_stride=config.stem_stride, in_channels=channels)
   return Setup(config=config, workdir=workdir, dataset=config.dataset, data_dir=data_dir,
                image_size=image_size, channels=channels, num_classes=int(info['num_classes']),
                space=space, mesh=mesh_lib.make_mesh(), data_options=options)

@@ -83,11 +83,16 @@ class SearchSpace:
 
   def __hash__(self):
     return hash((self.name, self.resolution, self.num_classes, self.width, self.op_names,
-                 self.stem_stride))
+                 self.stem_stride, self.in_channels))
 
   @property
   def stem_stride(self) -> int:
     return self.layers[0].stride
+
+  @property
+  def in_channels(self) -> int:
+    """The input images' channels (the stem's input)."""
+    return self.layers[0].in_channels
 
   @property
   def searchable_layers(self) -> tuple[LayerSpec, ...]:
@@ -172,22 +177,24 @@ def scale_channels(channels: int, width: float, divisor: int = 8) -> int:
 
 def get_space(name: str, resolution: int = 224, num_classes: int | None = None,
               width: float = 1.0, ops: tuple[str, ...] | None = None,
-              stem_stride: int | None = None) -> SearchSpace:
+              stem_stride: int | None = None, in_channels: int = 3) -> SearchSpace:
   """Builds a space from its table.
 
   Resolution, classes and width shrink it for tests and small data; `ops` keeps a subset of the
   space's candidate ops (in the table's order), e.g. for a quick search on a CPU. stem_stride
   (default 2) set to 1 keeps small inputs at full resolution through the first stage, as CIFAR
   versions of these networks do: at 32 px with stride 2, half the layers would see 2x2 or less.
+  in_channels: the images' channels (1 for gray images), which the stem's cost counts.
   """
   if name not in SPACE_TABLES:
     raise SpaceError(f'unknown search space {name!r}; allowed: {", ".join(SPACE_NAMES)}')
-  return from_table(name, SPACE_TABLES[name], resolution, num_classes, width, ops, stem_stride)
+  return from_table(name, SPACE_TABLES[name], resolution, num_classes, width, ops, stem_stride,
+                    in_channels)
 
 
 def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: int | None = None,
                width: float = 1.0, ops: tuple[str, ...] | None = None,
-               stem_stride: int | None = None) -> SearchSpace:
+               stem_stride: int | None = None, in_channels: int = 3) -> SearchSpace:
   """Builds a space from a table shaped like those of SPACE_TABLES (a new space is new data)."""
   stem_stride = table.get('stem_stride', 2) if stem_stride is None else stem_stride
   if stem_stride not in (1, 2):
@@ -196,6 +203,8 @@ def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: in
       or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
     raise SpaceError(f'resolution must be an integer from {MIN_RESOLUTION} to '
                      f'{MAX_RESOLUTION}, got {resolution!r}')
+  if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+    raise SpaceError(f'in_channels must be a positive integer, got {in_channels!r}')
   num_classes = table['num_classes'] if num_classes is None else num_classes
   if not isinstance(num_classes, int) or num_classes < 2:
     raise SpaceError(f'num_classes must be an integer >= 2, got {num_classes!r}')
@@ -218,7 +227,7 @@ def from_table(name: str, table: Mapping, resolution: int = 224, num_classes: in
 
   layers = []
   res = resolution
-  stem = LayerSpec('stem', 3, ch(table['stem']), stem_stride, res, ('conv3',), False)
+  stem = LayerSpec('stem', in_channels, ch(table['stem']), stem_stride, res, ('conv3',), False)
   layers.append(stem)
   channels, res = stem.out_channels, stem.out_resolution
   for lname, op, out, stride in table['fixed']:

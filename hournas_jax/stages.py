@@ -183,9 +183,10 @@ class Stage:
 
   # ----- Results.
 
-  def probabilities(self, arch) -> dict:
-    """{layer: {op: probability}} of the leading distribution at tau = 1."""
-    p = sampling.probabilities(self.leading_theta(arch), 1.0, self.mask)
+  def probabilities(self, arch, tau) -> dict:
+    """{layer: {op: probability}} of the leading distribution as the search samples from it at
+    temperature `tau`."""
+    p = sampling.probabilities(self.leading_theta(arch), tau, self.mask, self.tau_mode)
     return {n: {op: float(row[j]) for j, op in enumerate(self.space.op_names)
                 if op in self.space.layer(n).ops}
             for n, row in zip(self.layers, np.asarray(p))}

@@ -386,3 +386,25 @@ def test_se_and_group_shapes_in_real_block():
   kernels = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(v['params']))
   assert kernels == sorted([(1, 1, 12, 24), (3, 3, 1, 24), (1, 1, 12, 24),
                             (24,), (24,), (24,), (24,), (24,), (24,)])
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_the_stem_costs_the_channels_of_the_images(channels):
+  """Gray images (1 channel) give the stem a kernel of 1 input channel: the tables count the
+  network that is built, not an RGB one."""
+  space = spaces.get_space('fbnet_shallow', resolution=16, num_classes=10, width=0.25,
+                           in_channels=channels)
+  assert space.in_channels == channels and space.layers[0].in_channels == channels
+  ops = ['k3e1'] * len(space.searchable_names)
+  net = supernet.SuperNet(space, supernet.fixed_layer_ops(space, ops))
+  params, flops = costs.cost_tables(space).cost(arch.Architecture(space.name, ops).indices(space))
+  assert num_params(net.variable_shapes((16, 16, channels))) == params
+  rgb = spaces.get_space('fbnet_shallow', resolution=16, num_classes=10, width=0.25)
+  rgb_params, rgb_flops = costs.cost_tables(rgb).cost(
+      arch.Architecture(rgb.name, ops).indices(rgb))
+  stem_out = space.layers[0].out_channels
+  # The stem's 3 x 3 kernel: 9 weights per (input, output) channel pair.
+  assert rgb_params - params == 9 * stem_out * (3 - channels)
+  assert (rgb_flops > flops) == (channels < 3)
+  with pytest.raises(spaces.SpaceError, match='in_channels must be a positive integer'):
+    spaces.get_space('fbnet_shallow', in_channels=0)

@@ -57,11 +57,9 @@ def write_folder(root, *, classes=CLASSES, per_class=PER_CLASS, size=12,
   return str(root)
 
 
-def ids_of(images: np.ndarray) -> np.ndarray:
-  """The ids in a batch of preprocessed images (median: padding is 0)."""
-  channels = images.shape[-1]
-  mean, std = ((preprocess.GRAY_MEAN, preprocess.GRAY_STDDEV) if channels == 1
-               else (preprocess.IMAGENET_MEAN_RGB, preprocess.IMAGENET_STDDEV_RGB))
+def ids_of(images: np.ndarray, root: str) -> np.ndarray:
+  """The ids in a batch of preprocessed images of the folder `root` (median: padding is 0)."""
+  mean, std = folder.pixel_statistics(root, images.shape[-1], data.DataOptions())
   pixels = images[..., 0] * std[0] + mean[0]
   return np.round(np.median(pixels.reshape(len(images), -1), axis=1) / 8).astype(int)
 
@@ -110,7 +108,7 @@ def test_folder_holdout_is_fixed_by_split_seed(flowers):
   assert eval_paths(0) != eval_paths(1) and len(eval_paths(1)) == 6
   assert len(eval_paths(3, fraction=0.5)) == 15
   # The run seed does not move the test set: it is not an input of the index.
-  ids = [ids_of(np.concatenate([b['image'] for b in batches]))[mask]
+  ids = [ids_of(np.concatenate([b['image'] for b in batches]), flowers)[mask]
          for batches, mask in (one_pass('folder', 'eval', flowers),) * 2]
   np.testing.assert_array_equal(*ids)
 
@@ -124,7 +122,7 @@ def test_folder_eval_pass_holds_each_test_image_once_with_its_label(flowers):
   labels = np.concatenate([b['label'] for b in batches])
   assert images.shape == (8, 12, 12, 3) and images.dtype == np.float32
   assert not images[~mask].any()
-  ids = ids_of(images[mask])
+  ids = ids_of(images[mask], flowers)
   np.testing.assert_array_equal(ids // PER_CLASS, labels[mask])
   held_out = folder.load_index(flowers, data.DataOptions()).splits['eval'][0]
   np.testing.assert_array_equal(
@@ -144,9 +142,9 @@ def test_folder_train_batches_epochs_and_resume(flowers):
   assert batch['label'].dtype == np.int32 and set(batch['label']) <= {0, 1, 2}
   assert np.isfinite(batch['image']).all() and np.abs(batch['image']).max() < 3
   for b in run:
-    np.testing.assert_array_equal(ids_of(b['image']) // PER_CLASS, b['label'])
-  first = np.concatenate([ids_of(b['image']) for b in run[:steps]])
-  second = np.concatenate([ids_of(b['image']) for b in run[steps:2 * steps]])
+    np.testing.assert_array_equal(ids_of(b['image'], flowers) // PER_CLASS, b['label'])
+  first = np.concatenate([ids_of(b['image'], flowers) for b in run[:steps]])
+  second = np.concatenate([ids_of(b['image'], flowers) for b in run[steps:2 * steps]])
   assert len(set(first)) == 16 and not np.array_equal(first, second)
   for start_step in (1, steps, steps + 1):
     resumed = take(data.make_batches('folder', 'search_train', start_step=start_step,
@@ -165,9 +163,9 @@ def test_folder_process_shares_are_disjoint(flowers, monkeypatch):
     batches = take(data.make_batches('folder', 'train', batch_size=4, image_size=12, seed=1,
                                      data_dir=flowers), 6)
     assert batches[0]['image'].shape == (2, 12, 12, 3)
-    train_shares.append(set(ids_of(np.concatenate([b['image'] for b in batches]))))
+    train_shares.append(set(ids_of(np.concatenate([b['image'] for b in batches]), flowers)))
     batches, mask = one_pass('folder', 'eval', flowers, batch_size=2)
-    eval_shares.append(ids_of(np.concatenate([b['image'] for b in batches])[mask]))
+    eval_shares.append(ids_of(np.concatenate([b['image'] for b in batches])[mask], flowers))
   assert len(train_shares[0]) == len(train_shares[1]) == 12
   assert not train_shares[0] & train_shares[1]
   assert len(eval_shares[0]) == len(eval_shares[1]) == 3
@@ -185,8 +183,23 @@ def test_folder_with_train_and_test_folders(tmp_path):
   assert info['num_classes'] == 3
   assert info['splits'] == {'search_train': 19, 'search_val': 5, 'train': 24, 'eval': 6}
   batches, mask = one_pass('folder', 'eval', str(tmp_path))
-  ids = ids_of(np.concatenate([b['image'] for b in batches])[mask])
+  ids = ids_of(np.concatenate([b['image'] for b in batches])[mask], str(tmp_path))
   assert sorted(ids % PER_CLASS) == [8, 8, 8, 9, 9, 9]
+
+
+def test_folder_is_standardized_with_its_training_images_statistics(tmp_path):
+  """Mean and std per channel of the training images only (a test image as bright as 255
+  moves nothing); the eval images come out standardized by them."""
+  write_folder(tmp_path / 'train', per_class=8, channels=1)
+  for name in CLASSES:
+    write_image(tmp_path / 'test' / name / '0.png', np.full((12, 12, 1), 255, np.uint8))
+  values = np.array([8 * image_id(label, index) for label in range(3) for index in range(8)],
+                    float)
+  mean, std = folder.pixel_statistics(str(tmp_path), 1, data.DataOptions())
+  assert mean == pytest.approx((values.mean(),)) and std == pytest.approx((values.std(),))
+  batches, mask = one_pass('folder', 'eval', str(tmp_path))
+  images = np.concatenate([b['image'] for b in batches])[mask]
+  np.testing.assert_allclose(images, (255 - values.mean()) / values.std(), rtol=1e-5)
 
 
 def test_folder_of_gray_jpegs_and_channel_conversion(tmp_path):
@@ -195,7 +208,7 @@ def test_folder_of_gray_jpegs_and_channel_conversion(tmp_path):
   gray = next(data.make_batches('folder', 'train', batch_size=4, image_size=12, seed=0,
                                 data_dir=root))
   assert gray['image'].shape == (4, 12, 12, 1)
-  np.testing.assert_array_equal(ids_of(gray['image']) // PER_CLASS, gray['label'])
+  np.testing.assert_array_equal(ids_of(gray['image'], root) // PER_CLASS, gray['label'])
   rgb = next(data.make_batches('folder', 'train', batch_size=4, image_size=12, seed=0,
                                data_dir=root, channels=3))
   assert rgb['image'].shape == (4, 12, 12, 3)

@@ -200,6 +200,8 @@ def test_bfloat16_retraining_keeps_float32_weights_and_learns(tmp_path, toy_spac
   setup = setup_lib.resolve_setup(config, str(tmp_path / 'run'))
   trainer, state, meta = retrain.load_model(setup, str(tmp_path / 'run' / 'train'))
   assert meta['train']['precision'] == 'bfloat16' and trainer.net.dtype == jnp.bfloat16
+  # Gray digits: the space (and so its costs) has a 1-channel stem, saved and loaded alike.
+  assert setup.space.in_channels == trainer.space.in_channels == 1
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype(jnp.float32)}
   evaluated = trainer.evaluate(state, retrain.eval_batches(setup, 120))
   assert evaluated['top1'] == pytest.approx(results['top1'])

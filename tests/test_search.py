@@ -162,6 +162,21 @@ def test_two_stage_search_end_to_end():
       {'params': result['params'] / targets.params - 1, 'flops': result['flops'] / targets.flops
        - 1})
   assert len(result['pi']) == 4 and np.isclose(sum(result['pi']), 1.0)
+  # The probabilities reported are those the search sampled from: each stage's at the tau it
+  # ended with (the vital layers' after 4 iterations, the others' after 8), not at tau = 1.
+  assert result['tau'] == pytest.approx(5.0 * 0.9999 ** 8)
+  assert set(result['probabilities']) == set(SPACE.searchable_names)
+  vital_stage = s.stage_of(state.replace(stage='vital'))
+  for stage, thetas, tau in (
+      (vital_stage, np.asarray(result['theta_vital']), 5.0 * 0.9999 ** 4),
+      (s.stage_of(state), np.asarray(state.arch['thetas'][int(np.argmax(result['pi']))]),
+       result['tau'])):
+    for name, theta in zip(stage.layers, thetas):
+      allowed = [j for j, op in enumerate(SPACE.op_names) if op in SPACE.layer(name).ops]
+      logits = theta[allowed] / tau
+      expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+      got = [result['probabilities'][name][SPACE.op_names[j]] for j in allowed]
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
   # Taus follow the paper's schedule, one multiplication per iteration.
   np.testing.assert_allclose([m['tau'] for m in metrics], 5.0 * 0.9999 ** np.arange(8))
 

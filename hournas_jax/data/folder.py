@@ -14,7 +14,8 @@ the rest, as for the TFDS datasets. Every file's header is read when the folder
 is indexed, so a file that is not a JPEG or PNG image is named before any
 training starts; one that is damaged further in is named when it fails to
 decode. Reading, batching and resuming are tf_batches'; images are decoded with
-tf.io.decode_image and preprocessed by preprocess.preprocess_image.
+tf.io.decode_image and preprocessed by preprocess.preprocess_image, then
+standardized with the folder's own pixel statistics (`pixel_statistics`).
 """
 
 import dataclasses
@@ -36,6 +37,9 @@ TRAIN_FOLDER = 'train'
 EVAL_FOLDERS = ('test', 'val', 'validation')
 # Default output size: the images' median shorter side, at most ImageNet's.
 MAX_DEFAULT_IMAGE_SIZE = 224
+# Training images whose pixels give the standardization's mean and std: their
+# spread between images is far wider than the error of a sample of this size.
+STATISTICS_IMAGES = 512
 
 LAYOUTS = ('DIR/<class>/*.jpg|png, or DIR/train/<class>/... with '
            'DIR/test/<class>/...')
@@ -290,6 +294,48 @@ def dataset_info(data_dir: str | None, options: common.DataOptions) -> dict:
   }
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_statistics(root: str, holdout_fraction: float, split_seed: int,
+                      channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  index = _index(root, holdout_fraction, split_seed)
+  # The training images' first ones in their shuffled order, so every class
+  # counts and no test image does.
+  paths = index.splits['train'][0][:STATISTICS_IMAGES]
+  total = np.zeros(channels)
+  squares = np.zeros(channels)
+  count = 0
+  for path in paths:
+    try:
+      image = preprocess.decode_image(tf.io.read_file(path), channels).numpy()
+    except tf.errors.OpError as e:
+      raise _undecodable(str(path), e.message) from None
+    pixels = image.reshape(-1, channels).astype(np.float64)
+    total += pixels.sum(axis=0)
+    squares += np.square(pixels).sum(axis=0)
+    count += len(pixels)
+  mean = total / count
+  # A constant channel would divide by zero: leave its scale alone.
+  std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+  std = np.where(std < 1.0, 1.0, std)
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def pixel_statistics(data_dir: str | None, channels: int,
+                     options: common.DataOptions
+                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel on the 0-255 scale of the folder's training images
+  (the first STATISTICS_IMAGES of them), which standardize every image.
+
+  Like the built-in digits, a folder is standardized with its own statistics,
+  not ImageNet's: gray glyphs on black, X-rays or satellite images sit far from
+  ImageNet's mean, and the stem then starts on inputs that are mostly offset.
+  """
+  load_index(data_dir, options)  # checks data_dir and the options
+  return _pixel_statistics(os.path.abspath(os.path.expanduser(data_dir)),
+                           float(options.holdout_fraction),
+                           int(options.split_seed), int(channels))
+
+
 def _steps(index: FolderIndex, split: str, local_batch: int, *, train: bool,
            process_count: int) -> int:
   per_process = common.examples_per_process(len(index.splits[split][0]),
@@ -324,9 +370,13 @@ def _naming_bad_files(batches: tf_batches.Batches, paths: np.ndarray,
     bad = first_unreadable(paths, channels)
     if bad is None:
       raise
-    raise common.DataError(
-        f'{bad[0]}: cannot be decoded ({bad[1]}); dataset=folder reads '
-        'JPEG and PNG files, fix or remove this one.') from None
+    raise _undecodable(*bad) from None
+
+
+def _undecodable(path: str, reason: str) -> common.DataError:
+  return common.DataError(
+      f'{path}: cannot be decoded ({reason.strip().splitlines()[0]}); '
+      'dataset=folder reads JPEG and PNG files, fix or remove this one.')
 
 
 def make_batches(data_dir: str | None, split: str, *, batch_size: int,
@@ -341,6 +391,7 @@ def make_batches(data_dir: str | None, split: str, *, batch_size: int,
   local_batch = common.local_batch_size(batch_size, process_count)
   steps = _steps(index, split, local_batch, train=train,
                  process_count=process_count)
+  mean, stddev = pixel_statistics(data_dir, channels, options)
   paths, labels = index.splits[split]
   share = common.process_share(len(paths), process_index, process_count,
                                drop_remainder=train)
@@ -356,7 +407,8 @@ def make_batches(data_dir: str | None, split: str, *, batch_size: int,
     image = preprocess.decode_image(tf.io.read_file(path), channels)
     return preprocess.preprocess_image(image, seed, image_size=image_size,
                                        train=train,
-                                       random_flip_on=options.random_flip)
+                                       random_flip_on=options.random_flip,
+                                       mean=mean, stddev=stddev)
 
   if train:
     # read() already gives a full permutation: no shuffle buffer needed.

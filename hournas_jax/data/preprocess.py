@@ -169,7 +169,8 @@ def square_center_crop(image: tf.Tensor) -> tf.Tensor:
 
 def preprocess_image(image: tf.Tensor, seed: tf.Tensor | None, *,
                      image_size: int, train: bool,
-                     random_flip_on: bool = True) -> tf.Tensor:
+                     random_flip_on: bool = True,
+                     mean=None, stddev=None) -> tf.Tensor:
   """A decoded uint8 image of any size, 1 or 3 channels, to a normalized square.
 
   Up to SMALL_IMAGE_SIZE the whole (center-square) image is shrunk to
@@ -177,7 +178,8 @@ def preprocess_image(image: tf.Tensor, seed: tf.Tensor | None, *,
   back (CIFAR-10's recipe at 32 px). Above it training takes ImageNet's
   random-resized crop and eval its center crop. Training images are then
   mirrored with probability 1/2 unless random_flip_on is False. seed is unused
-  for eval.
+  for eval. mean and stddev (per channel, 0-255 scale) standardize the result;
+  None: ImageNet's (their channel average for gray images).
   """
   channels = image.shape[-1]
   if train:
@@ -199,6 +201,8 @@ def preprocess_image(image: tf.Tensor, seed: tf.Tensor | None, *,
   if train and random_flip_on:
     image = random_flip(image, flip_seed)
   image = tf.ensure_shape(image, [image_size, image_size, channels])
+  if mean is not None:
+    return normalize(image, tuple(mean), tuple(stddev))
   if channels == 1:
     return normalize(image, GRAY_MEAN, GRAY_STDDEV)
   return normalize(image, IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB)
