@@ -15,6 +15,9 @@ Schema (every field, with its meaning):
   stem_stride           2 (the papers') or 1 (as CIFAR versions of these networks, for
                         inputs of 32 px or less, where stride 2 leaves most layers at 2x2).
   ops                   a subset of the space's candidate ops, comma-separated ('' = all).
+  decoys                real ops to give a decoy twin, comma-separated ('' = none): same
+                        params and FLOPs, kernels frozen at their random initial values
+                        (hournas_jax/decoys.py; benchmarks/decoys.py tests that a search learns).
   dataset, data_dir     imagenet2012 | cifar10 | digits | cluttered_digits | the name of any
                         TFDS image classification dataset (mnist, tf_flowers, ...), with its
                         TFDS data_dir ('' = TFDS default) | folder, with data_dir = a directory
@@ -190,6 +193,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.space = 'fbnet'
   config.width = 1.0
   config.ops = ''              # comma-separated subset of the space's candidate ops ('' = all)
+  config.decoys = ''           # real ops that get an equal-cost twin that cannot learn ('' = none)
   config.stem_stride = 2       # 1 keeps small inputs at full resolution through the first stage
 
   config.dataset = 'imagenet2012'

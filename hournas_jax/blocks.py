@@ -120,12 +120,15 @@ class Conv(nn.Module):
   groups: int = 1
   use_bias: bool = False
   depthwise_impl: str = 'auto'
+  frozen: bool = False  # the kernel keeps its initial value: no gradient reaches it
 
   @nn.compact
   def __call__(self, x):
     cin = x.shape[-1]
     kernel = self.param('kernel', _conv_init,
                         (self.kernel, self.kernel, cin // self.groups, self.features))
+    if self.frozen:
+      kernel = jax.lax.stop_gradient(kernel)
     y = conv2d(x, kernel, self.stride, self.groups, self.depthwise_impl)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,)).astype(y.dtype)
@@ -148,8 +151,8 @@ def conv2d(x, kernel, stride: int = 1, groups: int = 1, depthwise_impl: str = 'a
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
-def _conv(features, kernel, stride=1, groups=1, bias=False, name=None):
-  return Conv(features, kernel, stride, groups, bias, name=name)
+def _conv(features, kernel, stride=1, groups=1, bias=False, name=None, frozen=False):
+  return Conv(features, kernel, stride, groups, bias, name=name, frozen=frozen)
 
 
 def channel_shuffle(x, groups: int):
@@ -193,7 +196,9 @@ class SepConv(nn.Module):
 class InvertedResidual(nn.Module):
   """1x1 expansion (grouped + shuffle for g2), k x k depthwise, optional SE, 1x1 projection.
 
-  The residual is added when the block keeps its input's shape.
+  The residual is added when the block keeps its input's shape. frozen_kernels: every conv
+  kernel stays at its random initial value (BatchNorms and SE biases still train): a decoy twin
+  of the op (`decoys.py`), which costs what the op costs but cannot learn features.
   """
   in_channels: int
   out_channels: int
@@ -204,6 +209,7 @@ class InvertedResidual(nn.Module):
   se_channels: int  # 0: no squeeze-and-excitation
   act: str
   dtype: Any = None
+  frozen_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True, kernels=None):
@@ -211,13 +217,15 @@ class InvertedResidual(nn.Module):
     their nested slices (`nested_kernels`) and only owns its BatchNorms and SE."""
     act = activation(self.act)
     mid = self.in_channels * self.expansion
+    frozen = self.frozen_kernels
     if kernels is None:
-      expand = lambda h: _conv(mid, 1, groups=self.groups)(h)
-      depthwise = lambda h: _conv(mid, self.kernel, self.stride, groups=mid)(h)
-      project = lambda h: _conv(self.out_channels, 1, groups=self.groups)(h)
+      expand = lambda h: _conv(mid, 1, groups=self.groups, frozen=frozen)(h)
+      depthwise = lambda h: _conv(mid, self.kernel, self.stride, groups=mid, frozen=frozen)(h)
+      project = lambda h: _conv(self.out_channels, 1, groups=self.groups, frozen=frozen)(h)
     else:
-      if self.groups > 1:
-        raise ValueError('grouped ops keep their own weights; they cannot share kernels')
+      if self.groups > 1 or frozen:
+        raise ValueError('grouped ops and decoys keep their own weights; they cannot share '
+                         'kernels')
       sliced = nested_kernels(kernels, self.kernel, mid)
       expand = lambda h: conv2d(h, sliced['expand'])
       depthwise = lambda h: conv2d(h, sliced['depthwise'], self.stride, groups=mid)
@@ -229,8 +237,8 @@ class InvertedResidual(nn.Module):
     h = act(bn()(depthwise(h)))
     if self.se_channels:
       s = jnp.mean(h, axis=(1, 2), keepdims=True)
-      s = act(_conv(self.se_channels, 1, bias=True)(s))
-      h = h * nn.sigmoid(_conv(mid, 1, bias=True)(s))
+      s = act(_conv(self.se_channels, 1, bias=True, frozen=frozen)(s))
+      h = h * nn.sigmoid(_conv(mid, 1, bias=True, frozen=frozen)(s))
     h = bn()(project(h))
     if self.stride == 1 and self.in_channels == self.out_channels:
       h = h + x

@@ -120,6 +120,14 @@ def _ir_args(space, layer, op, dropout_rate):  # pylint: disable=unused-argument
               act=space.activation)
 
 
+# ----- ir_decoy: an inverted residual whose conv kernels never leave their random initial values
+# (`decoys.py`): the cost, the module and the shortcut of 'ir', so the cost model cannot tell it
+# from its real twin; it shares no kernels, so weight sharing cannot hand it the real op's.
+
+def _ir_decoy_args(space, layer, op, dropout_rate):
+  return {**_ir_args(space, layer, op, dropout_rate), 'frozen_kernels': True}
+
+
 KINDS = {
     'skip': OpKind(_skip_cost, 'Skip', _skip_args, shortcut=lambda layer: True),
     'conv': OpKind(_conv_cost, 'ConvBN', _conv_args),
@@ -129,6 +137,8 @@ KINDS = {
     'ir': OpKind(_ir_cost, 'InvertedResidual', _ir_args,
                  shortcut=lambda layer: layer.keeps_shape,
                  shares_kernels=lambda op: op.groups == 1),
+    'ir_decoy': OpKind(_ir_cost, 'InvertedResidual', _ir_decoy_args,
+                       shortcut=lambda layer: layer.keeps_shape),
 }
 
 

@@ -32,6 +32,7 @@ import optax
 
 from hournas_jax import checkpoint
 from hournas_jax import data
+from hournas_jax import decoys
 from hournas_jax import errors
 from hournas_jax import logging_utils
 from hournas_jax import loop
@@ -412,11 +413,13 @@ def load_model(setup: setup_lib.Setup, run_dir: str, phase: str = 'train'):
     meta = ckpt.read_meta(latest).get('meta') or {}
     if meta.get('kind') != 'retrain':
       raise checkpoint.CheckpointError(f'{paths.checkpoints} does not hold a trained model')
+    real_ops, twinned = decoys.split(meta['space_ops'])
     space = spaces.get_space(meta['space'], resolution=int(meta['resolution']),
                              num_classes=int(meta['num_classes']), width=float(meta['width']),
-                             ops=tuple(meta['space_ops']),
+                             ops=real_ops,
                              stem_stride=int(meta.get('stem_stride', 2)),
                              in_channels=int(meta['image_shape'][-1]))
+    space = decoys.with_decoys(space, twinned)
     trainer = Retrainer(space, meta['ops'], ml_collections.ConfigDict(meta['train']),
                         image_shape=tuple(meta['image_shape']),
                         steps_per_epoch=int(meta.get('steps_per_epoch', 1)),

@@ -20,6 +20,7 @@ import jax
 from hournas_jax import arch as arch_lib
 from hournas_jax import checkpoint
 from hournas_jax import data
+from hournas_jax import decoys
 from hournas_jax import errors
 from hournas_jax import mesh as mesh_lib
 from hournas_jax import spaces
@@ -176,6 +177,7 @@ def resolve_setup(config, workdir: str) -> Setup:
   space = spaces.get_space(config.space, resolution=image_size,
                            num_classes=int(info['num_classes']), width=config.width, ops=ops,
                            stem_stride=config.stem_stride, in_channels=channels)
+  space = decoys.with_decoys(space, decoys.parse(config.decoys))
   return Setup(config=config, workdir=workdir, dataset=config.dataset, data_dir=data_dir,
                image_size=image_size, channels=channels, num_classes=int(info['num_classes']),
                space=space, mesh=mesh_lib.make_mesh(), data_options=options)

@@ -1,0 +1,200 @@
+"""Equal-cost decoys: does the search learn which ops are good, or only what they cost?
+
+    python benchmarks/decoys.py [--out DIR] [--decoys k3e3,k5e3] [--seeds 5] ...
+
+The space gets a decoy twin of each op of --decoys (hournas_jax/decoys.py): the same params and
+FLOPs, its conv kernels frozen at their random initial values. The cost model, the space
+proposals and the resource term cannot tell twins apart, so where a searched layer ends on one
+of a pair, a search that does not learn from the data takes the decoy half the time.
+
+It runs the HourNAS search of the config (default: the search-quality task) with --seeds seeds,
+each in its own workdir <out>/searches/decoys/seed<k> (reused when finished), and reports:
+- decoy_pick_rate: of the searched layers whose op is a twinned real op or its decoy, the share
+  that took the decoy; also per stage (vital layers, searched in stage 1; the others, stage 2);
+- decoy_mass: the same share in probability, p(decoy) / (p(decoy) + p(real)) of the final
+  distribution (arch.json's probabilities), averaged over those layers;
+- the stand-alone test top-1 (config.train, --train-seeds seeds) of every layer at the real op
+  against every layer at its decoy, for each twinned op: how much worse a decoy is.
+Chance is 0.5. Stand-alone trainings live in <out>/population (resumable). The last line
+printed is the JSON of <out>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=wrong-import-position
+
+from benchmarks import search_quality  # pylint: disable=wrong-import-position
+
+METHOD = 'decoys'  # the searches' directory under <out>/searches
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', default='configs/search_quality.py',
+                 help='base config (task, space, search and retraining recipe)')
+  p.add_argument('--decoys', default='k3e3,k5e3',
+                 help='real ops that get a decoy twin, comma-separated (config.decoys)')
+  p.add_argument('--dataset', default='', help='override config.dataset')
+  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
+  p.add_argument('--seeds', type=int, default=5, help='searches')
+  p.add_argument('--train-seeds', type=int, default=2,
+                 help='stand-alone trainings of each all-real and all-decoy network')
+  p.add_argument('--steps-scale', type=float, default=1.0,
+                 help='multiplies the search epochs and the retraining epochs')
+  p.add_argument('--tiny', action='store_true',
+                 help='a few steps of everything (for tests; the figures mean nothing)')
+  p.add_argument('--workers', type=int, default=0,
+                 help='processes at once (0 = one per CPU core on a CPU, 1 on accelerators)')
+  p.add_argument('--out', default='/tmp/hournas_decoys', help='results directory')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='override a config field, e.g. --set search.arch_lr=0.05 (repeatable)')
+  args = p.parse_args(argv)
+  problems = []
+  if args.seeds < 1 or args.train_seeds < 1:
+    problems.append('--seeds and --train-seeds must be >= 1')
+  if not args.steps_scale > 0:
+    problems.append('--steps-scale must be positive')
+  if not args.decoys.strip(' ,'):
+    problems.append('--decoys must name at least one op')
+  if problems:
+    print(f'error: {"; ".join(problems)}', file=sys.stderr)
+    sys.exit(2)
+  return args
+
+
+def load_config(args):
+  """The search-quality benchmark's config loading, with the decoys and --tiny's sizes."""
+  config = search_quality.load_config(args)
+  config.decoys = args.decoys
+  if args.tiny:
+    config.search.vital_steps = config.search.nonvital_steps = 2
+    config.search.proposal_iterations = 2
+    config.train.steps = 2
+    config.proposal_samples = 50
+    config.log_every_steps = 1
+  return config
+
+
+def pick_rates(space, searches, vital_layers):
+  """decoy_pick_rate and decoy_mass overall and per stage, with the layer counts they rest on.
+
+  searches: arch.json results. A layer counts where its op is a twinned real op or a decoy.
+  """
+  from hournas_jax import decoys  # pylint: disable=g-import-not-at-top
+  _, twinned = decoys.split(space.op_names)
+  picks = {'vital': [], 'nonvital': []}
+  masses = {'vital': [], 'nonvital': []}
+  for result in searches:
+    probabilities = result.get('probabilities') or {}
+    for layer, op in result['ops'].items():
+      real = decoys.real_of(op)
+      if layer in space.supernet_fixed or real not in twinned:
+        continue
+      stage = 'vital' if layer in vital_layers else 'nonvital'
+      picks[stage].append(float(op != real))
+      p = probabilities.get(layer, {})
+      pair = p.get(real, 0.0) + p.get(decoys.twin_name(real), 0.0)
+      if pair > 0:
+        masses[stage].append(p[decoys.twin_name(real)] / pair)
+  mean = lambda v: float(np.mean(v)) if v else math.nan
+  out = {'decoy_pick_rate': mean(picks['vital'] + picks['nonvital']),
+         'decoy_mass': mean(masses['vital'] + masses['nonvital']),
+         'layers_counted': len(picks['vital']) + len(picks['nonvital'])}
+  for stage in ('vital', 'nonvital'):
+    out[f'decoy_pick_rate_{stage}'] = mean(picks[stage])
+    out[f'decoy_mass_{stage}'] = mean(masses[stage])
+    out[f'layers_counted_{stage}'] = len(picks[stage])
+  return out
+
+
+def standalone(setup, twinned, train_seeds, out, workers):
+  """{real op: {'real': mean top-1, 'decoy': mean top-1, 'real_seeds': [...], ...}}: every
+  searchable layer at the real op against every layer at its decoy."""
+  from hournas_jax import decoys, population  # pylint: disable=g-import-not-at-top
+  layers = len(setup.space.searchable_names)
+  members = [population.Member((op,) * layers, s, kind) for real in twinned
+             for kind, op in (('real', real), ('decoy', decoys.twin_name(real)))
+             for s in range(train_seeds)]
+  records = population.train_population(setup, members, os.path.join(out, 'population'),
+                                        workers=workers, log_prefix='[stand-alone]')
+  top1 = {}
+  for m, r in zip(members, records):
+    top1.setdefault(decoys.real_of(m.ops[0]), {}).setdefault(m.tag, []).append(float(r['top1']))
+  return {real: {'real': float(np.mean(v['real'])), 'decoy': float(np.mean(v['decoy'])),
+                 'real_seeds': v['real'], 'decoy_seeds': v['decoy']}
+          for real, v in top1.items()}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from hournas_jax import checkpoint, decoys, population, setup as setup_lib, train, vital  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  try:
+    base = load_config(args)
+    train.validate_config(base)
+    setup_lib.configure_jax(base)
+    setup = setup_lib.resolve_setup(base, args.out)
+  except ValueError as e:  # ConfigError and SpaceError are ValueErrors
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  out = checkpoint.prepare_workdir(args.out)
+  workers = population.default_workers(args.workers)
+  space = setup.space
+  _, twinned = decoys.split(space.op_names)
+
+  try:
+    searched = search_quality.run_searches(base, out, [(METHOD, s) for s in range(args.seeds)],
+                                           workers)
+  except checkpoint.WorkdirError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  results = [checkpoint.read_json(os.path.join(search_quality.search_dir(out, METHOD, s),
+                                               'arch.json')) for s in range(args.seeds)]
+  rates = pick_rates(space, results, set(vital.vital_layers(space)))
+  alone = standalone(setup, twinned, args.train_seeds, out, workers)
+
+  lines = [f'Decoys on {setup.dataset} ({space.name}, twins of {", ".join(twinned)}), '
+           f'{args.seeds} searches; chance is 0.50.', '',
+           '| stage | layers counted | decoy pick rate | decoy probability mass |',
+           '|---|---|---|---|']
+  for stage, suffix in (('vital', '_vital'), ('non-vital', '_nonvital'), ('all', '')):
+    lines.append(f'| {stage} | {rates["layers_counted" + suffix]} | '
+                 f'{rates["decoy_pick_rate" + suffix]:.2f} | {rates["decoy_mass" + suffix]:.2f} |')
+  lines += ['', f'Stand-alone test top-1 (mean of {args.train_seeds} seeds), every layer at:', '',
+            '| op | real (%) | decoy (%) | real - decoy (points) |', '|---|---|---|---|']
+  for real, v in alone.items():
+    lines.append(f'| {real} | {100 * v["real"]:.2f} | {100 * v["decoy"]:.2f} | '
+                 f'{100 * (v["real"] - v["decoy"]):.2f} |')
+  lines += ['', 'Searched architectures:'] + [
+      f'  seed {s}: ' + ' '.join(r['ops'][n] for n in space.searchable_names)
+      for s, r in enumerate(results)]
+  report = {
+      **rates,
+      'all_real_top1': {k: v['real'] for k, v in alone.items()},
+      'all_decoy_top1': {k: v['decoy'] for k, v in alone.items()},
+      'standalone': alone,
+      'decoys': list(twinned), 'seeds': args.seeds, 'train_seeds': args.train_seeds,
+      'dataset': setup.dataset, 'space': space.name,
+      'architectures': [[r['ops'][n] for n in space.searchable_names] for r in results],
+      'search_wall_s': [searched[METHOD, s]['wall_s'] for s in range(args.seeds)],
+      'wall_s': time.time() - started,
+  }
+  checkpoint.atomic_write_json(os.path.join(out, 'results.json'), report)
+  print('\n'.join(lines), flush=True)
+  print(json.dumps(report, default=float), flush=True)
+  return report
+
+
+if __name__ == '__main__':
+  main()
