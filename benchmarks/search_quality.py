@@ -236,15 +236,11 @@ def run_searches(base, out, methods_seeds, workers):
 # Ranking diagnostic.
 
 
-def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, calibration=20):
-  """Kendall tau between inherited-weight accuracy (SuperNet of the no-vital-priority search,
-  seed 0) and stand-alone accuracy, over the random architectures."""
-  from hournas_jax import ranking as ranking_lib, search_phase  # pylint: disable=g-import-not-at-top
-  workdir = search_dir(out, RANKING_METHOD, 0)
-  setup = setup_fn(method_config(base, RANKING_METHOD, 0), workdir)
-  searcher, state = search_phase.load_search_state(setup)
-  engine = searcher.stage_of(state).engine
-  weights = state.weights
+def inherited_scores(setup, engine, weights, archs, batch_size=64, calibration=20):
+  """(top-1 on D_val of each architecture of `archs` with the SuperNet weights `weights` of the
+  single-path `engine`, BatchNorm statistics recalibrated on `calibration` D_tr batches; what
+  they were evaluated on)."""
+  from hournas_jax import ranking as ranking_lib  # pylint: disable=g-import-not-at-top
 
   def batches(split, train_mode, count=None):
     it = setup.batches(split, batch_size, seed=0, train=train_mode)
@@ -253,13 +249,27 @@ def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, cali
   calib = batches('search_train', True, calibration)
   evaluation = batches('search_val', False)
   inherited = []
-  for ops in random_archs:
+  for ops in archs:
     path = ranking_lib.path_of(setup.space, ops)
     inherited.append(ranking_lib.inherited_accuracy(engine, weights, path, calib, evaluation))
+  images = sum(int(np.asarray(b['mask']).sum()) for b in evaluation)
+  return inherited, f'search_val ({images} images)'
+
+
+def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, calibration=20,
+            method=RANKING_METHOD):
+  """Kendall tau between inherited-weight accuracy (SuperNet of the `method` search, by default
+  the no-vital-priority one, seed 0) and stand-alone accuracy, over the random architectures."""
+  from hournas_jax import ranking as ranking_lib, search_phase  # pylint: disable=g-import-not-at-top
+  workdir = search_dir(out, method, 0)
+  setup = setup_fn(method_config(base, method, 0), workdir)
+  searcher, state = search_phase.load_search_state(setup)
+  inherited, evaluated_on = inherited_scores(setup, searcher.stage_of(state).engine,
+                                             state.weights, random_archs, batch_size,
+                                             calibration)
   tau = ranking_lib.kendall_tau(inherited, random_means)
   return {'kendall_tau': tau, 'inherited_top1': inherited, 'supernet': workdir,
-          'evaluated_on': f'search_val ({sum(int(np.asarray(b["mask"]).sum()) for b in evaluation)}'
-                          ' images)'}
+          'evaluated_on': evaluated_on}
 
 
 # --------------------------------------------------------------------------------------------

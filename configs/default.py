@@ -94,6 +94,15 @@ def get_search_config() -> ml_collections.ConfigDict:
                              # average of the loss: unbiased, forward-only (gumbel_max only)
   s.precision = 'float32'    # 'float32' | 'bfloat16': convolutions and matmuls in bfloat16,
                              # parameters, BatchNorm statistics and optimizer states in float32
+  s.weight_sampling = 'distribution'  # the SuperNet training recipe: which paths a weight step
+                             # trains (hournas_jax/weight_sampling.py; architecture steps always
+                             # sample from theta): 'distribution' = one path from theta / Theta /
+                             # pi (the paper) | 'uniform' = each layer's op uniform over its
+                             # candidates (SPOS) | 'strict_fair' = n paths that take every
+                             # candidate of every layer once, gradients summed into one update
+                             # (FairNAS) | 'sandwich' = the largest, the smallest and 2 uniform
+                             # paths, the others distilled from the largest's predictions
+                             # (BigNAS); all but 'distribution' need engine 'single_path'
   return s
 
 

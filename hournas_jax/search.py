@@ -38,6 +38,11 @@ log softmax(pi)[k] plus proposal k's, so pi and Theta both learn; the resource t
 straight-through gradient. The Gumbel-softmax ablation runs every candidate and has no sampled
 path: it keeps the straight-through / relaxed gradients.
 
+SuperNet training recipe (`search.weight_sampling`, `weight_sampling.py`): 'distribution' trains
+the path each weight step samples from theta / Theta / pi (the paper); 'uniform', 'strict_fair'
+and 'sandwich' train paths of their own choosing, one or several a step (SPOS, FairNAS, BigNAS;
+the 'single_path' engine only), while the architecture steps still sample from theta.
+
 Layers of the space's `supernet_fixed` (EfficientNet's layer1_1, Table 14) keep their op from
 the start: they are neither vital blocks to search nor layers of the proposals, and their cost
 joins the fixed offset like the vital ops'.
@@ -68,7 +73,8 @@ import numpy as np
 import optax
 
 from hournas_jax import (arch as arch_lib, blocks, costs, engines, mesh as mesh_lib, search_config,
-                         search_problem, search_schedule, search_state, spaces, stages)
+                         search_problem, search_schedule, search_state, spaces, stages,
+                         weight_sampling)
 
 # The search's error, state and problem, where a caller of the search finds them.
 SearchError = search_problem.SearchError
@@ -83,6 +89,7 @@ TEMPERATURES = search_config.TEMPERATURES
 ARCH_GRADIENTS = search_config.ARCH_GRADIENTS
 VITAL_INITS = search_config.VITAL_INITS
 SAMPLERS = search_config.SAMPLERS
+WEIGHT_SAMPLINGS = search_config.WEIGHT_SAMPLINGS
 check_config = search_config.check_config
 
 
@@ -141,6 +148,7 @@ class Searcher:
     # Refuses impossible targets before any training.
     self.problem = search_problem.build(space, cfg, targets, tables)
     self.reinforce = cfg.arch_gradient == 'reinforce'
+    self.weight_sampling = cfg.weight_sampling
     self.arch_tx = optax.adam(float(cfg.arch_lr))
     self._engine_factory = engine_factory or config_engine_factory(space, cfg)
     self._engines, self._stages, self._fused = {}, {}, {}
@@ -256,8 +264,9 @@ class Searcher:
     lr = self.schedule.weight_lr_at(state.stage, stage_weight_steps) if needs_tr else None
     # During the warmup the D_val batch is passed over: theta waits for the weights.
     arch_step = needs_val and not self.schedule.warming_up(state.stage, stage_weight_steps)
-    # An engine that does not say (a stand-in, `engines.Engine`) is run step by step.
-    if getattr(stage.engine, 'fusable', False):
+    # An engine that does not say (a stand-in, `engines.Engine`) is run step by step, and so
+    # are the recipes whose weight steps train paths of their own (single_path only).
+    if getattr(stage.engine, 'fusable', False) and self.weight_sampling == 'distribution':
       program = self._fused_program(stage, needs_tr, arch_step)
       weights, arch, arch_opt, baseline, metrics = program(
           state.weights, state.arch, state.arch_opt, state.arch_baseline, state.key, state.step,
@@ -293,7 +302,10 @@ class Searcher:
     weights, arch, arch_opt, baseline = (state.weights, state.arch, state.arch_opt,
                                          state.arch_baseline)
     metrics = {}
-    if tr_batch is not None:
+    if tr_batch is not None and self.weight_sampling != 'distribution':
+      weights, m = self._recipe_weight_step(stage, weights, tr_batch, self._key(state, 0), lr)
+      metrics.update(loss=m['loss'], accuracy=m['accuracy'])
+    elif tr_batch is not None:
       idx, a = stage.sample_ops(arch, self._key(state, 0), tau)
       weights, m = stage.engine.train_step(weights, tr_batch,
                                            engines.Choice(stage.layers, idx, a), lr)
@@ -311,6 +323,16 @@ class Searcher:
         arch, arch_opt = stage.update(arch, arch_opt, key, tau, grad_a)
       metrics.update(val_loss=m['loss'], val_accuracy=m['accuracy'])
     return weights, arch, arch_opt, baseline, metrics
+
+  def _recipe_weight_step(self, stage, weights, batch, key, lr):
+    """A weight step of search.weight_sampling's recipe: the paths its sampler draws over the
+    stage's choice layers (`weight_sampling.py`), trained together by the engine."""
+    sizes = weight_sampling.op_sizes(self.problem.tables, stage.rows)
+    idx = weight_sampling.sample_paths(self.weight_sampling, key, np.asarray(stage.mask), sizes)
+    num_ops = len(self.space.op_names)
+    choices = [engines.Choice(stage.layers, row, jax.nn.one_hot(row, num_ops)) for row in idx]
+    return stage.engine.train_paths(weights, batch, choices, lr,
+                                    distill=weight_sampling.distills(self.weight_sampling))
 
   def _fused_program(self, stage, weight_step: bool, arch_step: bool):
     """An iteration as one program (an engine whose steps are pure functions: 'switch'): the

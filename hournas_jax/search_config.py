@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from hournas_jax import blocks, engines, sampling
+from hournas_jax import blocks, engines, sampling, weight_sampling
 from hournas_jax.search_problem import SearchError
 
 # 'none': every candidate owns its weights (the paper, FBNet); 'nested': a layer's candidates
@@ -19,6 +19,10 @@ TEMPERATURES = sampling.TAU_MODES
 ARCH_GRADIENTS = ('straight_through', 'reinforce')
 VITAL_INITS = ('uniform', 'targets')
 SAMPLERS = tuple(engines.DEFAULT_ENGINE)
+# Which paths a weight step trains (the SuperNet training recipe, `weight_sampling.py`):
+# 'distribution' = one path from theta / Theta / pi (the paper), 'uniform', 'strict_fair',
+# 'sandwich'.
+WEIGHT_SAMPLINGS = weight_sampling.RECIPES
 
 
 def check_config(cfg) -> None:
@@ -37,7 +41,7 @@ def check_config(cfg) -> None:
   for key, allowed in (('sampler', SAMPLERS), ('precision', blocks.PRECISIONS),
                        ('schedule', SCHEDULES), ('temperature', TEMPERATURES),
                        ('weight_sharing', WEIGHT_SHARING), ('arch_gradient', ARCH_GRADIENTS),
-                       ('vital_init', VITAL_INITS)):
+                       ('vital_init', VITAL_INITS), ('weight_sampling', WEIGHT_SAMPLINGS)):
     need(cfg[key] in allowed, f'{key} must be one of {", ".join(allowed)}, got {cfg[key]!r}')
   need(cfg.batch_size > 0, f'batch_size must be > 0, got {cfg.batch_size!r}')
   for key in ('vital_epochs', 'nonvital_epochs', 'vital_steps', 'nonvital_steps', 'val_every',
@@ -61,3 +65,8 @@ def check_config(cfg) -> None:
   need(cfg.arch_gradient != 'reinforce' or engine_class.runs == 'path',
        f"arch_gradient 'reinforce' needs a sampled path (config.search.sampler 'gumbel_max'), "
        f"got sampler {cfg.sampler!r}; use 'straight_through' with it")
+  name = next(n for n, c in engines.ENGINES.items() if c is engine_class)
+  need(cfg.weight_sampling == 'distribution' or name == 'single_path',
+       f"weight_sampling {cfg.weight_sampling!r} trains paths of its own choosing on the "
+       f"'single_path' engine only, got engine {name!r}; set config.search.engine=single_path "
+       f"(sampler 'gumbel_max') or weight_sampling 'distribution'")

@@ -34,7 +34,8 @@ SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
                             'search.arch_gradient': 'straight_through',
                             'search.arch_warmup': 0.0, 'search.vital_init': 'uniform',
                             'processes': 1, 'search.engine': '', 'search.precision': 'float32',
-                            'targets.latency_ms': 0.0, 'targets.latency_table': ''}
+                            'targets.latency_ms': 0.0, 'targets.latency_table': '',
+                            'search.weight_sampling': 'distribution'}
 
 
 def search_fingerprint(setup: setup_lib.Setup) -> dict:

@@ -195,6 +195,26 @@ class SuperNetEngine(abc.ABC):
   def path_loss(self, weights: EngineState, batch, choice: Choice) -> tuple[EngineState, Metrics]:
     """See `Engine.path_loss`."""
 
+  def train_paths(self, weights: EngineState, batch, choices: Sequence[Choice], lr,
+                  distill: bool = False) -> tuple[EngineState, Metrics]:
+    """One SGD step of the weights several paths run, their gradients on one D_tr batch summed
+    (the multi-path recipes of search.weight_sampling, `weight_sampling.py`).
+
+    Args:
+      weights: the state.
+      batch: {'image': [B, H, W, C], 'label': [B]}.
+      choices: the paths, every one with the stage's choice layers.
+      lr: the learning rate of this step.
+      distill: the first path learns from the labels and the others from its predictions
+        (in-place distillation); otherwise every path learns from the labels.
+
+    Returns:
+      (the updated state, the paths' mean loss on the labels and mean accuracy, before the
+      step).
+    """
+    raise NotImplementedError(f'{type(self).__name__} trains one path a step; the multi-path '
+                              "weight steps of search.weight_sampling need 'single_path'")
+
   def step_function(self, kind: str, layers: Sequence[str]) -> Callable:
     """The pure, jittable function of a step, for engines that are `fusable`.
 

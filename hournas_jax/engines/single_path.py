@@ -11,6 +11,10 @@ modules, so the 4 same-shaped layers of a stage share programs -- and Python cha
   backward: for l = L..1, one program recomputes block_l's forward inside `jax.vjp` and returns
             d loss / d x_l together with the SGD update of that candidate's weights.
 
+A multi-path step (`train_multi`: the strict-fair and sandwich recipes of
+search.weight_sampling) runs the same chain for each path with gradient programs that do not
+update, sums the paths' gradients per weight part, then updates each part once.
+
 Only the sampled candidates' variables and optimizer states are touched. Under `jit` with
 batch-sharded inputs every program is data-parallel over the device mesh, BatchNorm statistics
 included (they are reduced over the global batch). Gradients for the architecture come from the
@@ -25,11 +29,12 @@ with one line naming vm.max_map_count and the remedies before a compile would cr
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from hournas_jax import blocks, compiles, optim
 from hournas_jax.engines import base
@@ -79,6 +84,41 @@ def _head(hyper, smoothing, update, candidate, params, stats, opt_state, x, labe
   return base.step_metrics(loss, logits, labels), gx, params, opt_state, new_stats
 
 
+def _backward_grads(candidate, need_input_grad, params, stats, x, gy):
+  """d loss / d x and d loss / d params of this candidate, recomputing its forward, without an
+  update (a multi-path step sums its paths' gradients first)."""
+  f = lambda p, x: _apply_train(candidate, p, stats, x)[0]
+  if need_input_grad:
+    _, vjp = jax.vjp(f, params, x)
+    gp, gx = vjp(gy)
+  else:
+    _, vjp = jax.vjp(lambda p: f(p, x), params)
+    (gp,), gx = vjp(gy), None
+  return gx, gp
+
+
+def _head_grads(smoothing, candidate, params, stats, x, labels, soft):
+  """The head's part of a multi-path step: metrics on the labels, d loss / d x, d loss /
+  d params, new statistics and the predicted probabilities (a teacher's soft targets). The
+  loss is the cross-entropy with the labels, or with `soft` [B, classes] when given (in-place
+  distillation from a teacher path)."""
+  def loss_fn(p, x):
+    logits, new_stats = _apply_train(candidate, p, stats, x)
+    if soft is None:
+      return optim.cross_entropy(logits, labels, smoothing), (logits, new_stats)
+    return optax.softmax_cross_entropy(logits, soft).mean(), (logits, new_stats)
+  (loss, (logits, new_stats)), (gp, gx) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(params, x)
+  if soft is not None:
+    loss = optim.cross_entropy(logits, labels, smoothing)
+  probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+  return base.step_metrics(loss, logits, labels), gx, gp, new_stats, probs
+
+
+def _apply_update(hyper, params, opt_state, grads, lr):
+  return optim.sgd_update(optim.weight_direction(*hyper), params, opt_state, grads, lr)
+
+
 # One cache of compiled programs per process, keyed by (candidate, shapes, hyper-parameters):
 # every engine -- both stages of a search, a test's many engines -- reuses what another
 # compiled.
@@ -87,6 +127,12 @@ _fwd_eval = jax.jit(_forward_eval, static_argnums=0)
 _bwd_update = jax.jit(_backward_update, static_argnums=(0, 1, 2))
 _bwd_input = jax.jit(_backward_input, static_argnums=0)
 _head_step = jax.jit(_head, static_argnums=(0, 1, 2, 3))
+# The multi-path steps' (search.weight_sampling): gradients without updates, summed, then one
+# update of each weight part; still one program per block configuration and kind.
+_bwd_grads = jax.jit(_backward_grads, static_argnums=(0, 1))
+_head_grad = jax.jit(_head_grads, static_argnums=(0, 1))
+_update = jax.jit(_apply_update, static_argnums=0)
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
 @jax.jit
@@ -199,6 +245,63 @@ class SinglePathEngine(base.SuperNetEngine):
           _take(opt, name, c.param_keys), inputs[i], gy, lr)
       _put(params, name, p), _put(opt, name, o)
     return {'params': params, 'batch_stats': new_stats, 'opt_state': opt}, metrics
+
+  def train_paths(self, state, batch, choices: Sequence[base.Choice], lr, distill=False):
+    """See `base.SuperNetEngine.train_paths`."""
+    return self.train_multi(state, batch['image'], batch['label'],
+                            [c.path(self.space) for c in choices], lr, distill)
+
+  def train_multi(self, state, images, labels, paths: Sequence[Mapping[str, str]], lr,
+                  distill: bool = False):
+    """One SGD step of the weights `paths` run, from their summed gradients on one batch.
+
+    Every path runs forward and backward on the weights before the step; a weight part used by
+    several paths (the stem, the head, shared kernels, a candidate taken twice) gets the sum of
+    their gradients, as FairNAS and BigNAS accumulate before one optimizer step. BatchNorm
+    running statistics are updated path after path. With `distill`, paths after the first
+    learn from the first one's predicted probabilities instead of the labels.
+
+    Returns:
+      (state, the paths' mean loss on the labels and mean accuracy, before the step).
+    """
+    if not paths:
+      raise ValueError('train_multi needs at least one path')
+    params, stats = state['params'], state['batch_stats']
+    grads = {}  # {(layer, op or 'shared'): the gradient summed over the paths}
+
+    def accumulate(name, gp):
+      for key, g in gp.items():
+        grads[name, key] = g if (name, key) not in grads else _add(grads[name, key], g)
+
+    losses, accuracies, soft = [], [], None
+    for k, path in enumerate(paths):
+      chain, inputs, x, stats = self._run_forward({'params': params, 'batch_stats': stats},
+                                                  images, path)
+      name, op = chain[-1]
+      c = self._candidates[name, op]
+      metrics, gy, gp, s, probs = _head_grad(
+          self.label_smoothing, c, _take(params, name, c.param_keys), _take(stats, name, (op,)),
+          x, labels, soft)
+      _put(stats, name, s)
+      accumulate(name, gp)
+      losses.append(metrics['loss'])
+      accuracies.append(metrics['accuracy'])
+      if distill and k == 0:
+        soft = probs
+      for i in range(len(chain) - 2, -1, -1):
+        name, op = chain[i]
+        if op == 'skip':
+          continue
+        c = self._candidates[name, op]
+        gy, gp = _bwd_grads(c, i > 0, _take(params, name, c.param_keys),
+                            _take(stats, name, (op,)), inputs[i], gy)
+        accumulate(name, gp)
+    new_params, opt = _copy(params), _copy(state['opt_state'])
+    for (name, key), g in grads.items():
+      new_params[name][key], opt[name][key] = _update(self.hyper, params[name][key],
+                                                      opt[name][key], g, lr)
+    metrics = {'loss': jnp.mean(jnp.stack(losses)), 'accuracy': jnp.mean(jnp.stack(accuracies))}
+    return {'params': new_params, 'batch_stats': stats, 'opt_state': opt}, metrics
 
   def _path_head(self, state, images, labels, path: Mapping[str, str]):
     """The sampled path's forward and its head's loss, weights untouched: (chain, inputs to
