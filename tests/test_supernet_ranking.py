@@ -40,7 +40,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 TINY = ['--tiny', '--workers', '1', '--architectures', '3', '--train-seeds', '2',
         '--targets', '7e3,90e3', '--set', 'space=toy', '--set', 'width=1.0', '--set', 'ops=',
-        '--recipes', 'distribution,uniform,strict_fair,sandwich,hournas']
+        '--recipes', 'distribution,uniform+x2,strict_fair+separate,hournas+sandwich']
+# Every weight sampling, the steps multiplier, separate weights and the two-stage SuperNet.
 
 
 def test_tiny_mode_trains_and_ranks_under_each_recipe(tmp_path, capsys, monkeypatch):
@@ -50,19 +51,21 @@ def test_tiny_mode_trains_and_ranks_under_each_recipe(tmp_path, capsys, monkeypa
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   keys = ('kendall_tau', 'spearman', 'regret_top1', 'recipe', 'supernet_steps', 'wall_s')
   assert all(k in last for k in keys) and last['recipe'] == 'distribution'
-  assert set(last['recipes']) == {'distribution', 'uniform', 'strict_fair', 'sandwich',
-                                  'hournas'}
+  assert list(last['recipes']) == ['distribution', 'uniform+x2', 'strict_fair+separate',
+                                   'hournas+sandwich']
   for name, r in last['recipes'].items():
     assert all(k in r for k in keys), name
     assert len(r['inherited_top1']) == 3 and all(0 <= a <= 1 for a in r['inherited_top1'])
     assert r['regret_top1'] >= 0
-    # Every recipe trains the search's weight steps (4 + 4 in tiny mode).
-    assert r['supernet_steps'] == 8, name
+    # Every recipe trains the search's weight steps (4 + 4 in tiny mode), x2 twice as many.
+    assert r['supernet_steps'] == (16 if 'x2' in name else 8), name
+  assert last['recipes']['strict_fair+separate']['weight_sharing'] == 'none'
+  assert last['recipes']['hournas+sandwich']['weight_sampling'] == 'sandwich'
   assert last['population']['architectures'] == 3
   assert {'seed_std', 'spread', 'seed_tau'} <= set(last['noise'])
   # A rerun trains nothing: the population and every recipe's result are reused.
   supernet_ranking.main(['--out', str(out), *TINY])
   printed = capsys.readouterr().out
-  assert printed.count('done earlier') == 5 and 'training 0' not in printed
+  assert printed.count('done earlier') == 4 and 'training 0' not in printed
   again = json.loads(printed.strip().splitlines()[-1])
   assert again['recipes'] == last['recipes']
