@@ -54,6 +54,9 @@ def get_search_config() -> ml_collections.ConfigDict:
   s.batch_size = 256         # global batch of D_tr and D_val
   s.num_proposals = 8        # m
   s.proposal_iterations = 300  # I_sp: Adam steps that fit the space proposals to the targets
+  s.proposal_entropy = 0.0   # weight of the proposals' mean normalized entropy in their fit
+                             # (Eqn 5 minus it): Eqn 5 alone ends in near one-hot rows that
+                             # leave the search nothing to learn; 0 = Eqn 5 alone
   s.tau0 = 5.0               # Gumbel temperature, from 5.0 ...
   s.tau_decay = 0.9999       # ... times 0.9999 every iteration (FBNet's schedule)
   s.weight_lr = 0.1          # SuperNet weights: momentum SGD

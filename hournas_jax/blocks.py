@@ -35,11 +35,23 @@ def activation(name: str):
   return {'relu': nn.relu, 'swish': nn.swish}[name]
 
 
-def _bn(train: bool, name=None, dtype=None):
+# Residual branches start switched off: the last BatchNorm of an inverted residual that adds
+# its input starts with scale 0, so every residual block is the identity at initialisation
+# (Goyal et al. 2017, "zero-init residual"), and the signal reaches the classifier through the
+# shortcuts from the first step. The narrow networks of the CPU-sized spaces otherwise sit on
+# the initial loss plateau for a seed-dependent while: quickstart recipe cut to 5 epochs, 6
+# random architectures x 3 seeds, mean top-1 55.3% -> 71.8% and the lowest run 38.1% -> 59.4%.
+ZERO_INIT_RESIDUAL = True
+# The BatchNorm that follows an inverted residual's projection (its third).
+PROJECTION_BATCHNORM = 'BatchNorm_2'
+
+
+def _bn(train: bool, name=None, dtype=None, zero_scale: bool = False):
   # dtype: the output's (bfloat16 under mixed precision); the statistics are reduced in
   # float32 and kept in float32 whatever it is.
+  scale_init = nn.initializers.zeros_init() if zero_scale else nn.initializers.ones_init()
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+                      dtype=dtype, scale_init=scale_init, name=name)
 
 
 def compute_dtype(precision: str):
@@ -239,10 +251,9 @@ class InvertedResidual(nn.Module):
       s = jnp.mean(h, axis=(1, 2), keepdims=True)
       s = act(_conv(self.se_channels, 1, bias=True, frozen=frozen)(s))
       h = h * nn.sigmoid(_conv(mid, 1, bias=True, frozen=frozen)(s))
-    h = bn()(project(h))
-    if self.stride == 1 and self.in_channels == self.out_channels:
-      h = h + x
-    return h
+    residual = self.stride == 1 and self.in_channels == self.out_channels
+    h = _bn(train, dtype=self.dtype, zero_scale=residual and ZERO_INIT_RESIDUAL)(project(h))
+    return h + x if residual else h
 
 
 class _Kernel(nn.Module):
@@ -354,6 +365,18 @@ def has_shortcut(space: spaces.SearchSpace, layer: spaces.LayerSpec, op_name: st
   inverted residual that keeps its shape, and `skip`, which is nothing but the shortcut."""
   op = space.ops[op_name]
   return op_kinds.kind(op).shortcut(layer)
+
+
+def zero_scale_batchnorm(space: spaces.SearchSpace, layer: spaces.LayerSpec,
+                         op_name: str) -> str | None:
+  """The name of the BatchNorm of `op_name` placed in `layer` whose scale starts at 0
+  (`ZERO_INIT_RESIDUAL`), or None: the projection's BatchNorm of an inverted residual that
+  adds its input."""
+  op = space.ops[op_name]
+  if (ZERO_INIT_RESIDUAL and MODULES[op_kinds.kind(op).module] is InvertedResidual
+      and has_shortcut(space, layer, op_name)):
+    return PROJECTION_BATCHNORM
+  return None
 
 
 def initial_value(seed: int, path: str, shape, dtype):

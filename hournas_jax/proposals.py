@@ -135,9 +135,22 @@ def within_targets(costs_, targets, active, tolerance=TOLERANCE):
   return xp.all(ok | (xp.asarray(active) <= 0), axis=-1)
 
 
+def mean_entropy(theta, tau, mask):
+  """The entropy of softmax(theta / tau) per layer over its allowed ops, as a share of the
+  largest it can be (log of the allowed count; layers with one op count 0), averaged over
+  layers: 0 for one-hot rows, 1 for uniform ones. theta [..., L, O] -> [...]."""
+  p = sampling.probabilities(theta, tau, mask)
+  # 0 log 0 = 0, with a finite gradient: masked ops and underflowed ones.
+  used = mask & (p > 0)
+  entropy = -jnp.sum(jnp.where(used, p * jnp.log(jnp.where(used, p, 1.0)), 0.0), axis=-1)
+  allowed = jnp.sum(mask, axis=-1)
+  largest = jnp.log(jnp.maximum(allowed, 2).astype(entropy.dtype))
+  return jnp.mean(jnp.where(allowed > 1, entropy / largest, 0.0), axis=-1)
+
+
 def _optimize(key, tables, mask, offset, targets, maxima, active, *, num_proposals, iterations,
               samples_per_step, candidates_per_proposal, screen_samples, learning_rate, tau0,
-              tau_decay, init_std, tolerance):
+              tau_decay, init_std, tolerance, entropy_weight):
   """The whole loop: candidates vmapped, iterations scanned, one Adam state for all; then the
   screening that keeps m of them."""
   num_layers, num_ops = mask.shape
@@ -170,7 +183,11 @@ def _optimize(key, tables, mask, offset, targets, maxima, active, *, num_proposa
     # mean |R - T| (not |E[R] - T|) also shrinks the spread of R around T, so the proposal
     # concentrates where every sample meets the targets.
     _, a = straight_through(noise, theta, tau, mask)  # theta [L, O] broadcasts over samples
-    return jnp.mean(resource_loss(a, tables, offset, targets, maxima, active))
+    loss = jnp.mean(resource_loss(a, tables, offset, targets, maxima, active))
+    # Among proposals that meet the targets, prefer the least decided: Eqn 5 alone is
+    # minimised by a point mass, and a proposal that always samples one op in a layer leaves
+    # the search nothing to learn there (its straight-through gradient vanishes).
+    return loss - entropy_weight * mean_entropy(theta, tau, mask)
 
   def total_loss(thetas, noise, tau):
     # The proposals are independent, so the sum's gradient is each proposal's own gradient.
@@ -236,7 +253,7 @@ def optimize_proposals(key, tables, mask, offset, targets, maxima, active, *, nu
                        tau_decay=DEFAULT_TAU_DECAY, init_std=DEFAULT_INIT_STD,
                        candidates_per_proposal=DEFAULT_CANDIDATES_PER_PROPOSAL,
                        screen_samples=DEFAULT_SCREEN_SAMPLES, tolerance=TOLERANCE,
-                       return_losses=False):
+                       entropy_weight=0.0, return_losses=False):
   """Optimises m space proposals together in one jitted loop (Eqn 5).
 
   tables [R, L, O], mask [L, O], offset/targets/maxima/active [R]. Every step draws
@@ -265,7 +282,7 @@ def optimize_proposals(key, tables, mask, offset, targets, maxima, active, *, nu
       iterations=int(iterations), samples_per_step=int(samples_per_step),
       candidates_per_proposal=int(candidates_per_proposal), screen_samples=int(screen_samples),
       learning_rate=learning_rate, tau0=tau0, tau_decay=tau_decay, init_std=init_std,
-      tolerance=tolerance)
+      tolerance=tolerance, entropy_weight=jnp.float32(entropy_weight))
   return (thetas, final_tau, losses) if return_losses else (thetas, final_tau)
 
 

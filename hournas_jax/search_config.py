@@ -48,6 +48,8 @@ def check_config(cfg) -> None:
               'proposal_iterations'):
     need(cfg[key] >= 0, f'{key} must be >= 0, got {cfg[key]!r}')
   need(cfg.num_proposals >= 1, f'num_proposals must be >= 1, got {cfg.num_proposals!r}')
+  need(finite(cfg.proposal_entropy) and cfg.proposal_entropy >= 0,
+       f'proposal_entropy must be >= 0 (0 = Eqn 5 alone), got {cfg.proposal_entropy!r}')
   need(finite(cfg.weight_lr) and cfg.weight_lr > 0,
        f'weight_lr must be > 0, got {cfg.weight_lr!r}')
   need(finite(cfg.arch_lr) and cfg.arch_lr >= 0,

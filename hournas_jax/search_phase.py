@@ -35,7 +35,8 @@ SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
                             'search.arch_warmup': 0.0, 'search.vital_init': 'uniform',
                             'processes': 1, 'search.engine': '', 'search.precision': 'float32',
                             'targets.latency_ms': 0.0, 'targets.latency_table': '',
-                            'search.weight_sampling': 'distribution'}
+                            'search.weight_sampling': 'distribution',
+                            'search.proposal_entropy': 0.0}
 
 
 def search_fingerprint(setup: setup_lib.Setup) -> dict:

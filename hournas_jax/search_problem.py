@@ -49,6 +49,7 @@ class SearchProblem:
   alpha: float
   num_proposals: int
   proposal_iterations: int
+  proposal_entropy: float
 
   @property
   def relaxed(self) -> bool:
@@ -73,7 +74,8 @@ class SearchProblem:
     thetas, final_tau = proposals.optimize_proposals(
         key, tables, mask, offset, self.targets, self.maxima, self.active,
         num_proposals=int(num_proposals),
-        iterations=self.proposal_iterations or proposals.DEFAULT_ITERATIONS)
+        iterations=self.proposal_iterations or proposals.DEFAULT_ITERATIONS,
+        entropy_weight=self.proposal_entropy)
     if self.tau_mode == 'logits':
       # The proposals were fitted so that softmax(theta / final_tau) meets the targets; the
       # search samples at its own tau, so rescale theta to keep theta / tau, and with it the
@@ -130,7 +132,8 @@ def build(space: spaces.SearchSpace, cfg, targets,
       op_mask=space.op_mask(), fixed_ops=fixed_ops, vital_names=vital_names,
       vital_rows=vital_rows, vital_priority=bool(cfg.vital_priority), sampler=cfg.sampler,
       tau_mode=cfg.temperature, vital_init=cfg.vital_init, alpha=float(cfg.alpha),
-      num_proposals=int(cfg.num_proposals), proposal_iterations=int(cfg.proposal_iterations))
+      num_proposals=int(cfg.num_proposals), proposal_iterations=int(cfg.proposal_iterations),
+      proposal_entropy=float(cfg.proposal_entropy))
   if problem.vital_priority and vital_names:
     allowed = np.where(problem.op_mask[vital_rows], 0.0, -np.inf)
     if costs.best_reachable_choice(allowed, tables.stacked()[:, vital_rows],

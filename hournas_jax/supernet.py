@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hournas_jax import blocks, spaces, vital
 
@@ -189,11 +190,19 @@ class SuperNet(nn.Module):
 
     Compiling the initialisation of ~200 candidates takes minutes on a CPU (thousands of RNG
     calls in one program), so shapes come from tracing (`jax.eval_shape`) and values from
-    `blocks.initial_value`, which draws what the modules' own initialisers would.
+    `blocks.initial_value`, which draws what the modules' own initialisers would, and the
+    BatchNorm scales that start at 0 (`blocks.zero_scale_batchnorm`) are zeroed.
     """
-    return jax.tree_util.tree_map_with_path(
+    variables = jax.tree_util.tree_map_with_path(
         lambda path, leaf: blocks.initial_value(seed, jax.tree_util.keystr(path), leaf.shape,
                                                 leaf.dtype), self.variable_shapes(image_shape))
+    for layer, ops in self.active_layers:
+      for op in ops:
+        name = blocks.zero_scale_batchnorm(self.space, layer, op)
+        if name is not None:
+          scale = variables['params'][layer.name][op][name]['scale']
+          variables['params'][layer.name][op][name]['scale'] = np.zeros_like(scale)
+    return variables
 
   def variable_shapes(self, image_shape) -> dict:
     """Every candidate's variables as jax.ShapeDtypeStruct leaves (tracing only, cached)."""

@@ -82,7 +82,9 @@ def test_shared_supernet_layout_and_a_candidate_is_its_slice_of_the_largest():
   assert layer['shared']['depthwise']['kernel'].shape == (5, 5, 1, 24)
   assert 'Conv_0' not in layer['k3e1'] and 'BatchNorm_0' in layer['k3e1']
   assert 'Conv_0' in layer['k3g2']
-  # The k3e1 candidate computes what a stand-alone k3e1 block with the sliced kernels does.
+  # The k3e1 candidate computes what a stand-alone k3e1 block with the sliced kernels does
+  # (with its residual branch switched on, as training leaves it: it starts at scale 0).
+  layer['k3e1']['BatchNorm_2']['scale'] = np.linspace(0.5, 1.5, 8, dtype=np.float32)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 12, 12, 8)), jnp.float32)
   cand = net.candidate(SPACE.layer('layer1_1'), 'k3e1')
   y = cand.apply({k: layer[k] for k in cand.param_keys}, {'k3e1': variables['batch_stats'][
@@ -95,6 +97,31 @@ def test_shared_supernet_layout_and_a_candidate_is_its_slice_of_the_largest():
                           'batch_stats': variables['batch_stats']['layer1_1']['k3e1']}, x,
                          train=False)
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_blocks_start_as_the_identity():
+  """The projection BatchNorm of every inverted residual that adds its input starts at scale 0,
+  in init_all's values and in the modules' own initialisers alike, so the block returns its
+  input; blocks without a shortcut start at scale 1."""
+  net = supernet.SuperNet(SPACE, supernet.layer_ops(SPACE))
+  variables = net.init_all(0, (12, 12, 3))
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 12, 12, 8)), jnp.float32)
+  for layer in SPACE.searchable_layers:
+    for op in layer.ops:
+      if op == 'skip':
+        continue
+      scale = variables['params'][layer.name][op]['BatchNorm_2']['scale']
+      residual = blocks.has_shortcut(SPACE, layer, op)
+      assert (blocks.zero_scale_batchnorm(SPACE, layer, op) is not None) == residual
+      np.testing.assert_array_equal(scale, 0.0 if residual else 1.0)
+      block = blocks.make_block(SPACE, layer, op)
+      own = block.init(jax.random.key(0), jnp.zeros((1, 12, 12, layer.in_channels)))
+      np.testing.assert_array_equal(own['params']['BatchNorm_2']['scale'], scale)
+      if residual:
+        y = block.apply({'params': variables['params'][layer.name][op],
+                         'batch_stats': variables['batch_stats'][layer.name][op]}, x,
+                        train=False)
+        np.testing.assert_allclose(y, x, atol=1e-6)
 
 
 def test_a_shared_step_trains_the_kernels_and_only_the_sampled_batchnorm():

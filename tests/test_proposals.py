@@ -134,6 +134,40 @@ def test_optimized_proposals_meet_targets(small):
   np.testing.assert_allclose(expected, np.broadcast_to(targets, expected.shape), rtol=0.05)
 
 
+def test_mean_entropy_is_a_share_of_the_largest():
+  """1 for uniform rows over the allowed ops, 0 for one-hot ones; one-op layers count 0."""
+  mask = jnp.array([[True, True, True], [True, True, False], [True, False, False]])
+  uniform = jnp.zeros((3, 3))
+  # Layers 0 and 1 at their largest entropy, layer 2 (one op) at 0: a mean of 2/3.
+  assert float(proposals.mean_entropy(uniform, 1.0, mask)) == pytest.approx(2 / 3)
+  decided = jnp.array([[30.0, 0.0, 0.0], [0.0, 30.0, 0.0], [0.0, 0.0, 0.0]])
+  assert float(proposals.mean_entropy(decided, 1.0, mask)) == pytest.approx(0.0, abs=1e-6)
+  # Two of three ops equally likely: log 2 / log 3 of the largest.
+  half = jnp.array([[0.0, 0.0, -1e9], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  assert float(proposals.mean_entropy(half, 1.0, mask)) == pytest.approx(
+      (np.log(2) / np.log(3) + 1.0) / 3, rel=1e-5)
+
+
+def test_the_entropy_term_keeps_proposals_undecided(small):
+  """The same fit with the entropy term ends with rows far from one-hot, and samples more
+  distinct architectures; Eqn 5 alone decides most layers (proposal_entropy's reason)."""
+  space, table = small
+  free, tables, mask, offset = costs.restrict_tables(table)
+  targets = mid_targets(space, table)
+  maxima = costs.space_maxima(tables, mask, offset)
+  results = {}
+  for weight in (0.0, 0.02):
+    thetas, tau = proposals.optimize_proposals(jax.random.PRNGKey(0), tables, mask, offset,
+                                               targets, maxima, BOTH, num_proposals=2,
+                                               entropy_weight=weight)
+    indices = np.asarray(proposals.sample_architectures(
+        jax.random.PRNGKey(1), thetas, jnp.zeros(2), tau, jnp.asarray(mask), 2000))
+    results[weight] = (float(jnp.mean(proposals.mean_entropy(thetas, tau, mask))),
+                       len({tuple(r) for r in indices}))
+  assert results[0.02][0] > results[0.0][0] + 0.1, results
+  assert results[0.02][1] > results[0.0][1], results
+
+
 def test_single_target_and_restricted_space(small):
   """Only FLOPs targeted, with the vital layers (first of each stage) fixed."""
   space, table = small

@@ -661,6 +661,7 @@ def test_steps_given_the_wrong_batches_and_bad_settings_are_refused():
     ({'precision': 'float16'}, 'config.search.precision must be one of'),
     ({'weight_sharing': 'all'}, 'config.search.weight_sharing must be one of'),
     ({'num_proposals': 0}, r'config.search.num_proposals must be >= 1'),
+    ({'proposal_entropy': -0.01}, r'config.search.proposal_entropy must be >= 0'),
     ({'val_every': -1}, r'config.search.val_every must be >= 0'),
     ({'batch_size': 0}, r'config.search.batch_size must be > 0'),
     ({'weight_lr': 0.0}, r'config.search.weight_lr must be > 0'),

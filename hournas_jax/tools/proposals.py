@@ -63,6 +63,9 @@ def build_parser() -> tools.Parser:
   p.add_argument('--tau-decay', type=tools.decay, default=proposals.DEFAULT_TAU_DECAY,
                  help='tau multiplier per step (the default takes tau from 5 to 1 in '
                       f'{proposals.DEFAULT_ITERATIONS} steps)')
+  p.add_argument('--entropy', type=tools.finite_float, default=0.01,
+                 help='weight of the entropy term in the fit (config.search.proposal_entropy; '
+                      '0 = Eqn 5 alone)')
   p.add_argument('--samples', type=tools.positive_int, default=10000,
                  help='architectures drawn to evaluate the proposals')
   p.add_argument('--fix', help='fixed layers, e.g. layer2_1=k5e6,layer3_1=k5e6')
@@ -73,7 +76,7 @@ def build_parser() -> tools.Parser:
 
 def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_proposals=8,
         seed=0, iterations=proposals.DEFAULT_ITERATIONS,
-        tau_decay=proposals.DEFAULT_TAU_DECAY, samples=10000,
+        tau_decay=proposals.DEFAULT_TAU_DECAY, entropy_weight=0.0, samples=10000,
         fixed: Mapping[int, int] | None = None, plot: str | None = None) -> dict:
   """Optimises and evaluates proposals; returns the summary the CLI prints.
 
@@ -103,7 +106,8 @@ def run(space: spaces.SearchSpace, targets: Sequence[float | None], *, num_propo
   start, cpu_start = time.perf_counter(), time.process_time()
   thetas, final_tau = proposals.optimize_proposals(opt_key, tables, mask, offset, target_values,
                                                    maxima, active, num_proposals=num_proposals,
-                                         iterations=iterations, tau_decay=tau_decay)
+                                         iterations=iterations, tau_decay=tau_decay,
+                                         entropy_weight=entropy_weight)
   thetas = jax.block_until_ready(thetas)
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   final_tau = float(final_tau)
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
     fixed = parse_fix(args.fix, space)
     summary = run(space, (args.params, args.flops), num_proposals=args.proposals,
                   seed=args.seed, iterations=args.iterations, tau_decay=args.tau_decay,
-                  samples=args.samples, fixed=fixed, plot=args.plot)
+                  entropy_weight=args.entropy, samples=args.samples, fixed=fixed, plot=args.plot)
   except (spaces.SpaceError, proposals.ProposalError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
