@@ -3,8 +3,10 @@ tiny config on it, and main.py as a subprocess with it registered."""
 
 import textwrap
 
+import jax.numpy as jnp
+
 from configs import quickstart
-from hournas_jax import spaces
+from hournas_jax import blocks, spaces
 
 TOY_TABLE = dict(stem=8, fixed=(), stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
                  ops=('k3e1', 'k3e3', 'skip'), activation='relu', num_classes=10)
@@ -14,6 +16,19 @@ def toy_space(resolution=16, num_classes=10, ops=None):
   """5 SuperBlocks: layer1_1 (keeps shape), layer2_1 (vital), layer2_2, layer3_1 (vital),
   layer3_2."""
   return spaces.from_table('toy', TOY_TABLE, resolution, num_classes, 1.0, ops)
+
+
+def switch_on_residual_branches(params):
+  """Sets every projection BatchNorm scale of a SuperNet's params ({layer: {op: tree}}, in
+  place) to 1. Residual branches start at scale 0 (blocks.ZERO_INIT_RESIDUAL): every residual
+  candidate is then the identity, with no gradient to its kernels or to what tells candidates
+  apart, until the first steps of training switch them on; tests of one step do it here."""
+  for ops in params.values():
+    for variables in ops.values():
+      if isinstance(variables, dict) and blocks.PROJECTION_BATCHNORM in variables:
+        norm = variables[blocks.PROJECTION_BATCHNORM]
+        norm['scale'] = jnp.ones_like(norm['scale'])
+  return params
 
 
 def tiny_config(**overrides):

@@ -10,6 +10,7 @@ import pytest
 
 from hournas_jax import blocks, decoys, op_kinds, optim, spaces, supernet
 from hournas_jax.engines import single_path
+from spaces_for_tests import switch_on_residual_branches
 
 
 def _xla_conv(x, kernel, stride, groups):
@@ -127,6 +128,7 @@ def test_residual_blocks_start_as_the_identity():
 def test_a_shared_step_trains_the_kernels_and_only_the_sampled_batchnorm():
   engine = single_path.SinglePathEngine(SPACE, supernet.layer_ops(SPACE), weight_sharing=True)
   state = engine.init(0, (12, 12, 3))
+  switch_on_residual_branches(state['params'])
   rng = np.random.default_rng(4)
   images = jnp.asarray(rng.standard_normal((4, 12, 12, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 4, 4), jnp.int32)

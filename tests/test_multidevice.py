@@ -109,7 +109,7 @@ def test_digits_end_to_end_same_on_1_and_4_devices(tmp_path, monkeypatch):
   assert config['mode'] == 'search' and config['search']['num_proposals'] == 8
   assert config['resolved']['image_shape'] == [16, 16, 1] and config['resolved']['devices'] == 1
   monkeypatch.setitem(spaces.SPACE_TABLES, 'toy', TOY_TABLE)
-  space = spaces.get_space('toy', resolution=16, num_classes=10)
+  space = spaces.get_space('toy', resolution=16, num_classes=10, in_channels=1)  # gray digits
   found = json.loads((one / 'arch.json').read_text())
   architecture = arch_lib.Architecture.from_dict(found, space)
   assert set(found['vital_ops']) == {'layer2_1', 'layer3_1'}

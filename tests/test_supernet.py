@@ -7,7 +7,7 @@ import pytest
 
 from hournas_jax import blocks, engines, optim, spaces, supernet, vital
 from hournas_jax.engines import all_candidates, single_path
-from spaces_for_tests import toy_space
+from spaces_for_tests import switch_on_residual_branches, toy_space
 
 RES = 16
 
@@ -105,6 +105,7 @@ def test_unsampled_candidates_are_untouched(space, engine, batch):
 def test_gate_gradients_are_the_straight_through_gradients(space, engine, batch):
   images, labels = batch
   state = engine.init(2, (RES, RES, 3))
+  switch_on_residual_branches(state['params'])
   path = _path(space, lambda i, l: (i + 1) % len(l.ops))
   _, _, gates = engine.path_gates(state, images, labels, path)
   assert set(gates) == set(space.searchable_names)
@@ -143,6 +144,7 @@ def test_all_candidates_engine(space, batch):
   images, labels = batch
   eng = all_candidates.AllCandidatesEngine(space, supernet.layer_ops(space))
   state = eng.init(3, (RES, RES, 3))
+  switch_on_residual_branches(state['params'])
   mask = space.op_mask()
   uniform = engines.Choice(space.searchable_names, jnp.zeros(len(mask), jnp.int32),
                            jnp.asarray(mask / mask.sum(-1, keepdims=True), jnp.float32))
