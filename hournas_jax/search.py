@@ -402,8 +402,10 @@ class Searcher:
     # replicated mesh, the same fitting loop rounds differently (4 CPU devices: thetas apart by
     # up to 0.2 of 13), and Adam on sampled costs followed by a top-k by hit rate turns that
     # into other proposals: the search would depend on the device count.
-    host_key = jnp.asarray(mesh_lib.to_host(state.key))
-    key = jax.random.fold_in(jax.random.wrap_key_data(host_key), 2 ** 31)
+    # The key is derived where the state's key lives (the fold-in program the step keys
+    # use: integer hashing, the same bits on any mesh), then brought to the host.
+    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), 2 ** 31)
+    key = jax.random.wrap_key_data(jax.device_put(mesh_lib.to_host(jax.random.key_data(key))))
     try:
       arch = self.stage_of(state).init_arch(key, self.tau(state))
     except stages.StageError as e:
