@@ -6,13 +6,17 @@ At one budget (the config's targets, or --targets PARAMS,FLOPS) it trains, stand
 recipe (config.train) and --train-seeds seeds each:
 - K random architectures (each layer's op uniform over its candidates, kept when within 5% of
   both targets): the reference distribution;
-- the architecture found by the HourNAS search with each of N seeds;
+- the architecture found by the HourNAS search with each of N seeds, and by its control
+  `prior_only` (no architecture step: what the search starts from) with as many seeds; the
+  difference of their means and its standard error say whether the search learns;
+- `uniform`: every one-op network (the same op in every layer) within the budget, the best of
+  them being what a practitioner would keep;
 - the paper's ablations at the same budget, each with --ablation-seeds seeds: no vital-block
   priority (HourNAS-G/H, one stage with twice the search steps), Gumbel-softmax sampling
   (HourNAS-I), one space proposal (m = 1; HourNAS uses the config's m, 8);
 - any --variants of the search (Algorithm 1's epoch schedule, the literal temperature,
-  separate weights per candidate, the REINFORCE architecture gradient) for choosing the
-  defaults.
+  separate weights per candidate, the REINFORCE architecture gradient, the final choice by
+  inherited accuracy) for choosing the defaults.
 It also measures how well a trained SuperNet ranks architectures: Kendall tau between the
 accuracy of the random architectures with weights inherited from the SuperNet of the
 no-vital-priority search (every layer searchable; BatchNorm statistics recalibrated on training
@@ -69,11 +73,19 @@ VARIANTS = {
     'vital_init_uniform': _setter('vital_init', 'uniform'),
     'no_arch_warmup': _setter('arch_warmup', 0.0),
     'reinforce': _setter('arch_gradient', 'reinforce'),
-    # The control: no architecture step at all, so the result is the mode of the distribution
-    # the search starts from (theta_vital and the space proposals fitted to the targets).
-    'prior_only': _setter('arch_lr', 0.0),
     'straight_through': _setter('arch_gradient', 'straight_through'),
+    # The final architecture chosen among the distribution's most probable ones by inherited
+    # accuracy on D_val (hournas_jax/final_selection.py) instead of its mode.
+    'inherited_choice': _setter('final_selection', 'inherited'),
+    'mode_choice': _setter('final_selection', 'mode'),
+    # The SuperNet recipe that ranked best in benchmarks/supernet_ranking.py, with that choice.
+    'sandwich_inherited': lambda s: (s.__setitem__('weight_sampling', 'sandwich'),
+                                     s.__setitem__('final_selection', 'inherited')),
 }
+# The control, run with as many seeds as HourNAS: no architecture step at all, so the result is
+# what the search starts from (theta_vital and the space proposals fitted to the targets).
+CONTROL = 'prior_only'
+CONTROLS = {CONTROL: _setter('arch_lr', 0.0)}
 RANKING_METHOD = 'no_vital_priority'
 
 
@@ -84,7 +96,8 @@ def parse_args(argv=None):
                  help='base config (task, space, search and retraining recipe)')
   p.add_argument('--dataset', default='', help='override config.dataset')
   p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
-  p.add_argument('--seeds', type=int, default=5, help='HourNAS searches (N)')
+  p.add_argument('--seeds', type=int, default=5, help='HourNAS searches (N), and as many of '
+                 'the prior_only control')
   p.add_argument('--random', type=int, default=20, help='random architectures (K)')
   p.add_argument('--train-seeds', type=int, default=3, help='stand-alone trainings per '
                  'architecture; every score is their mean')
@@ -174,7 +187,7 @@ def load_config(args):
 
 def method_config(base, method: str, seed: int):
   config = copy.deepcopy(base)
-  change = ABLATIONS.get(method) or VARIANTS.get(method)
+  change = ABLATIONS.get(method) or VARIANTS.get(method) or CONTROLS.get(method)
   if change is not None:
     change(config.search)
   config.seed = seed
@@ -294,6 +307,28 @@ def summarise(name, rows, random_means):
           'params': [r['params'] for r in rows], 'flops': [r['flops'] for r in rows]}
 
 
+def difference(learned, prior) -> dict:
+  """mean(learned) - mean(prior) over searches, its standard error (Welch: each side's
+  variance over its count) and the ratio of the two (nan with fewer than 2 of either)."""
+  learned, prior = np.asarray(learned, np.float64), np.asarray(prior, np.float64)
+  diff = float(learned.mean() - prior.mean())
+  if len(learned) < 2 or len(prior) < 2:
+    return {'difference': diff, 'se': float('nan'), 'ratio': float('nan')}
+  se = float(math.sqrt(learned.var(ddof=1) / len(learned) + prior.var(ddof=1) / len(prior)))
+  return {'difference': diff, 'se': se, 'ratio': diff / se if se > 0 else float('nan')}
+
+
+def uniform_summary(archs, by_arch, random_means) -> dict:
+  """The uniform baseline: every one-op architecture within the budget, and the best of them
+  (what a practitioner keeps after trying each)."""
+  if not archs:
+    return {'top1': None, 'architecture': None, 'tried': {}}
+  scores = {ops[0]: by_arch[tuple(ops)][0] for ops in archs}
+  op = max(scores, key=scores.get)
+  return {'top1': scores[op], 'architecture': op, 'tried': scores,
+          'percentile': percentile(scores[op], random_means)}
+
+
 def markdown(report) -> str:
   r = report['random']
   lines = [f'Search quality on {report["dataset"]} ({report["space"]}), budget '
@@ -305,6 +340,12 @@ def markdown(report) -> str:
            f'| random (within 5% of both targets) | {len(r["top1"])} | {100 * r["mean"]:.2f} | '
            f'{100 * r["std"]:.2f} | 25th/50th/75th: {100 * r["p25"]:.2f} / {100 * r["p50"]:.2f}'
            f' / {100 * r["p75"]:.2f} | | |']
+  u = report.get('uniform') or {}
+  if u.get('top1') is not None:
+    tried = ', '.join(f'{op} {100 * v:.2f}' for op, v in u['tried'].items())
+    lines.append(f'| uniform: best one-op network within the budget ({u["architecture"]} '
+                 f'everywhere; tried {tried}) | {len(u["tried"])} | {100 * u["top1"]:.2f} | | '
+                 f'{u["percentile"]:.0f} | | |')
   for name, m in report['methods'].items():
     pcts = ' '.join(f'{p:.0f}' for p in m['percentiles'])
     lines.append(f'| {name} | {len(m["top1"])} | {100 * m["mean"]:.2f} | {100 * m["std"]:.2f} '
@@ -313,8 +354,13 @@ def markdown(report) -> str:
   n = report['noise']
   lines += ['', f'Spread between random architectures (std of their means): '
             f'{100 * r["std"]:.2f}%; training noise (mean std over seeds of one architecture): '
-            f'{100 * n["seed_std"]:.2f}%, so a 3-seed mean carries '
+            f'{100 * n["seed_std"]:.2f}%, so a {report["train_seeds"]}-seed mean carries '
             f'{100 * n["seed_std"] / math.sqrt(report["train_seeds"]):.2f}%.']
+  d = report.get('learned_vs_prior') or {}
+  if d:
+    lines.append(f'HourNAS minus its prior ({CONTROL}: no architecture step): '
+                 f'{100 * d["difference"]:+.2f} points, standard error {100 * d["se"]:.2f} '
+                 f'({d["ratio"]:+.1f} SE; learning shows at 2 or more).')
   k = report.get('ranking') or {}
   if k:
     lines.append(f'Kendall tau (inherited-weight accuracy on D_val vs stand-alone, '
@@ -378,10 +424,17 @@ def main(argv=None):
   by_arch = population.mean_by_architecture(random_records)
   random_means = [by_arch[tuple(ops)][0] for ops in random_archs]
 
-  # Searches: HourNAS, ablations, variants.
+  # The practitioner's first try: one op in every layer, the best of those within the budget.
+  uniform_archs = population.uniform_architectures(setup.space, targets)
+  uniform_records = population.train_population(
+      setup, [population.Member(ops, s, 'uniform') for ops in uniform_archs for s in seeds],
+      store_dir, workers=workers, log_prefix='[uniform]')
+  uniform_by_arch = population.mean_by_architecture(uniform_records)
+
+  # Searches: HourNAS, its prior-only control, ablations, variants.
   ablations = [a for a in args.ablations.split(',') if a]
   variants = [v for v in args.variants.split(',') if v]
-  methods_seeds = [('hournas', s) for s in range(args.seeds)]
+  methods_seeds = [(m, s) for m in ('hournas', CONTROL) for s in range(args.seeds)]
   methods_seeds += [(m, s) for m in ablations + variants for s in range(args.ablation_seeds)]
   try:
     searched = run_searches(base, out, methods_seeds, workers)
@@ -395,7 +448,7 @@ def main(argv=None):
   searched_by_arch = population.mean_by_architecture(searched_records)
 
   methods = {}
-  for method in ['hournas'] + ablations + variants:
+  for method in ['hournas', CONTROL] + ablations + variants:
     rows = []
     for (m, s), r in searched.items():
       if m == method:
@@ -414,14 +467,21 @@ def main(argv=None):
                  'p50': float(np.percentile(random_means, 50)),
                  'p75': float(np.percentile(random_means, 75))},
       'noise': {'seed_std': float(np.mean(seed_stds)) if seed_stds else float('nan')},
+      'uniform': uniform_summary(uniform_archs, uniform_by_arch, random_means),
       'methods': methods,
+      'learned_vs_prior': difference(methods['hournas']['top1'], methods[CONTROL]['top1']),
   }
   if RANKING_METHOD in ablations:
     report['ranking'] = ranking(setup_fn, out, base, random_archs, random_means)
   report['wall_s'] = time.time() - started
   # The headline figures, flat, first: results.json is also the last line printed.
   hournas = methods['hournas']
+  learned = report['learned_vs_prior']
   results = {
+      'prior_only_top1': methods[CONTROL]['top1'],
+      'learned_minus_prior': learned['difference'],
+      'learned_minus_prior_se': learned['se'],
+      'uniform_top1': report['uniform']['top1'],
       'random_top1': random_means,
       'searched_top1': hournas['top1'],
       'searched_percentiles': hournas['percentiles'],
@@ -431,7 +491,7 @@ def main(argv=None):
       'ablations': {k: {'top1': v['top1'], 'percentiles': v['percentiles'],
                         'median_percentile': v['median_percentile'],
                         'search_wall_s': v['search_wall_s']}
-                    for k, v in methods.items() if k != 'hournas'},
+                    for k, v in methods.items() if k not in ('hournas', CONTROL)},
       'search_wall_s': hournas['search_wall_s'],
       'random_std': report['random']['std'], 'seed_std': report['noise']['seed_std'],
       **report,

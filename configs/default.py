@@ -106,6 +106,13 @@ def get_search_config() -> ml_collections.ConfigDict:
                              # (FairNAS) | 'sandwich' = the largest, the smallest and 2 uniform
                              # paths, the others distilled from the largest's predictions
                              # (BigNAS); all but 'distribution' need engine 'single_path'
+  s.final_selection = 'mode'  # how the result is read from the final distribution
+                             # (hournas_jax/final_selection.py): 'mode' = each layer's most
+                             # probable op (the paper) | 'inherited' = the best of
+                             # final_candidates architectures within the targets by top-1 on
+                             # D_val with the SuperNet's weights (SPOS, OFA; engine
+                             # 'single_path')
+  s.final_candidates = 16    # 'inherited': the distribution's most probable architectures scored
   return s
 
 

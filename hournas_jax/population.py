@@ -297,6 +297,24 @@ def mean_by_architecture(records: Sequence[dict], key: str = 'top1') -> dict:
           for ops, v in groups.items()}
 
 
+def uniform_architectures(space, targets: dict, tolerance: float = 0.05) -> list[tuple]:
+  """Every architecture that uses one op in all searchable layers (the first thing a
+  practitioner tries) and stays within the budget: no target in `targets` ({'params': ...,
+  'flops': ...}, the ones set) exceeded by more than `tolerance`. Ops some layer does not offer
+  (skip, in the downsampling layers) give none. Largest first."""
+  tables = costs.cost_tables(space)
+  found = []
+  for j, op in enumerate(space.op_names):
+    if not tables.mask[:, j].all():
+      continue
+    idx = [j] * tables.mask.shape[0]
+    params, flops = tables.cost(idx)
+    values = {'params': params, 'flops': flops}
+    if all(values[key] <= (1 + tolerance) * target for key, target in targets.items()):
+      found.append((values['params'], tuple([op] * len(idx))))
+  return [ops for _, ops in sorted(found, key=lambda item: -item[0])]
+
+
 def random_architectures(space, targets: dict, count: int, seed: int,
                          tolerance: float = 0.05, max_draws: int = 200000) -> list[tuple]:
   """`count` distinct architectures drawn uniformly (each layer's op uniform over its

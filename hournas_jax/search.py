@@ -436,10 +436,19 @@ class Searcher:
       raise SearchError('the vital stage has not finished; no architecture yet')
     return self.stage_of(state).architecture(state.arch, state.seed)
 
-  def result(self, state: SearchState) -> dict:
-    """The searched architecture and its report: costs, targets and the deviation from them,
-    the vital and fixed ops, theta_vital, pi, the probabilities, the steps taken."""
-    architecture = self.architecture(state)
+  def candidates(self, state: SearchState, count: int) -> list[arch_lib.Architecture]:
+    """Up to `count` distinct architectures of the final distribution within the targets, most
+    probable first (the first is `architecture`'s)."""
+    if state.stage == 'vital':
+      raise SearchError('the vital stage has not finished; no architecture yet')
+    return self.stage_of(state).candidates(state.arch, state.seed, count)
+
+  def result(self, state: SearchState,
+             architecture: arch_lib.Architecture | None = None) -> dict:
+    """The searched architecture (`architecture`, by default the distribution's choice) and its
+    report: costs, targets and the deviation from them, the vital and fixed ops, theta_vital,
+    pi, the probabilities, the steps taken."""
+    architecture = architecture or self.architecture(state)
     tables = self.problem.tables
     indices = architecture.indices(self.space)
     resources = tables.named_resources(indices)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from hournas_jax import blocks, engines, sampling, weight_sampling
+from hournas_jax import blocks, engines, final_selection, sampling, weight_sampling
 from hournas_jax.search_problem import SearchError
 
 # 'none': every candidate owns its weights (the paper, FBNet); 'nested': a layer's candidates
@@ -23,6 +23,8 @@ SAMPLERS = tuple(engines.DEFAULT_ENGINE)
 # 'distribution' = one path from theta / Theta / pi (the paper), 'uniform', 'strict_fair',
 # 'sandwich'.
 WEIGHT_SAMPLINGS = weight_sampling.RECIPES
+# How the result is read from the final distribution (`final_selection.py`).
+FINAL_SELECTIONS = final_selection.SELECTIONS
 
 
 def check_config(cfg) -> None:
@@ -41,12 +43,15 @@ def check_config(cfg) -> None:
   for key, allowed in (('sampler', SAMPLERS), ('precision', blocks.PRECISIONS),
                        ('schedule', SCHEDULES), ('temperature', TEMPERATURES),
                        ('weight_sharing', WEIGHT_SHARING), ('arch_gradient', ARCH_GRADIENTS),
-                       ('vital_init', VITAL_INITS), ('weight_sampling', WEIGHT_SAMPLINGS)):
+                       ('vital_init', VITAL_INITS), ('weight_sampling', WEIGHT_SAMPLINGS),
+                       ('final_selection', FINAL_SELECTIONS)):
     need(cfg[key] in allowed, f'{key} must be one of {", ".join(allowed)}, got {cfg[key]!r}')
   need(cfg.batch_size > 0, f'batch_size must be > 0, got {cfg.batch_size!r}')
   for key in ('vital_epochs', 'nonvital_epochs', 'vital_steps', 'nonvital_steps', 'val_every',
               'proposal_iterations'):
     need(cfg[key] >= 0, f'{key} must be >= 0, got {cfg[key]!r}')
+  need(isinstance(cfg.final_candidates, int) and cfg.final_candidates >= 1,
+       f'final_candidates must be an integer >= 1, got {cfg.final_candidates!r}')
   need(cfg.num_proposals >= 1, f'num_proposals must be >= 1, got {cfg.num_proposals!r}')
   need(finite(cfg.proposal_entropy) and cfg.proposal_entropy >= 0,
        f'proposal_entropy must be >= 0 (0 = Eqn 5 alone), got {cfg.proposal_entropy!r}')
@@ -72,3 +77,6 @@ def check_config(cfg) -> None:
        f"weight_sampling {cfg.weight_sampling!r} trains paths of its own choosing on the "
        f"'single_path' engine only, got engine {name!r}; set config.search.engine=single_path "
        f"(sampler 'gumbel_max') or weight_sampling 'distribution'")
+  need(cfg.final_selection == 'mode' or name == 'single_path',
+       f"final_selection 'inherited' evaluates paths with the 'single_path' engine's weights, "
+       f"got engine {name!r}; set config.search.engine=single_path or final_selection 'mode'")

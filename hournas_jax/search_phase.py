@@ -17,13 +17,14 @@ import jax
 import numpy as np
 
 from hournas_jax import analysis
-from hournas_jax import arch as arch_lib
 from hournas_jax import checkpoint
 from hournas_jax import costs
+from hournas_jax import final_selection
 from hournas_jax import latency
 from hournas_jax import logging_utils
 from hournas_jax import loop
 from hournas_jax import mesh as mesh_lib
+from hournas_jax import ranking
 from hournas_jax import search
 from hournas_jax import setup as setup_lib
 
@@ -36,7 +37,8 @@ SEARCH_FINGERPRINT_ADDED = {'stem_stride': 2, 'search.schedule': 'interleaved',
                             'processes': 1, 'search.engine': '', 'search.precision': 'float32',
                             'targets.latency_ms': 0.0, 'targets.latency_table': '',
                             'search.weight_sampling': 'distribution',
-                            'search.proposal_entropy': 0.0}
+                            'search.proposal_entropy': 0.0, 'search.final_selection': 'mode',
+                            'search.final_candidates': 16}
 
 
 def search_fingerprint(setup: setup_lib.Setup) -> dict:
@@ -277,10 +279,39 @@ def _search_history(workdir: str, searcher, state, resumed_step):
   return record
 
 
+def final_choice(setup: setup_lib.Setup, searcher, state):
+  """(the searched architecture, the record of how it was chosen or None) as
+  config.search.final_selection says (`final_selection.py`)."""
+  s = setup.config.search
+  if s.final_selection == 'mode':
+    return searcher.architecture(state), None
+  candidates = searcher.candidates(state, int(s.final_candidates))
+  calibration = ranking.take(setup.batches('search_train', s.batch_size, seed=setup.config.seed,
+                                           train=True), final_selection.CALIBRATION_BATCHES)
+  evaluation = list(setup.batches('search_val', s.batch_size, seed=setup.config.seed,
+                                  train=False))
+  scored = final_selection.score(searcher.stage_of(state).engine, state.weights, setup.space,
+                                 candidates, calibration, evaluation)
+  chosen = final_selection.best(scored)
+  images = sum(int(np.asarray(b['mask']).sum()) if 'mask' in b else len(b['label'])
+               for b in evaluation)
+  logging_utils.info(
+      f'[search] final choice by inherited accuracy: candidate {chosen + 1} of {len(scored)} '
+      f'({100 * scored[chosen].inherited_top1:.2f}% on D_val, {images} images; the most '
+      f'probable: {100 * scored[0].inherited_top1:.2f}%)')
+  record = {'method': 'inherited', 'evaluated_on': f'search_val ({images} images)',
+            'chosen': chosen,
+            'candidates': [{'ops': list(c.architecture.ops), 'inherited_top1': c.inherited_top1}
+                           for c in scored]}
+  return scored[chosen].architecture, record
+
+
 def _write_search_result(setup: setup_lib.Setup, searcher, state) -> dict:
   config = setup.config
-  result = searcher.result(state)
-  architecture = arch_lib.Architecture.from_dict(result, setup.space)
+  architecture, record = final_choice(setup, searcher, state)
+  result = searcher.result(state, architecture)
+  if record is not None:
+    result['final_selection'] = record
   if jax.process_index() == 0:
     checkpoint.atomic_write_json(os.path.join(setup.workdir, 'arch.json'), result)
     samples = None

@@ -337,45 +337,78 @@ class NonVitalStage(Stage):
   def architecture(self, arch, seed: int) -> arch_lib.Architecture:
     """The proposal with the highest pi and each layer's most probable op, unless that misses a
     target by more than the tolerance (`within_targets`)."""
-    tables = self.problem.tables
     theta = np.asarray(self.leading_theta(arch), np.float64)
     best = np.asarray(sampling.argmax_ops(theta, self.mask))
+    return self._architecture(self.within_targets(theta, best, self._frozen_cost(), seed))
+
+  def candidates(self, arch, seed: int, count: int,
+                 samples: int = 20000) -> list[arch_lib.Architecture]:
+    """Up to `count` distinct architectures of the leading proposal within the tolerance of
+    every active target, most probable first: `architecture`'s choice, then the most probable
+    of `samples` draws that meet the targets (the final choice by inherited accuracy scores
+    these)."""
+    theta = np.asarray(self.leading_theta(arch), np.float64)
+    mode = np.asarray(sampling.argmax_ops(theta, self.mask))
+    frozen_cost = self._frozen_cost()
+    first = self.within_targets(theta, mode, frozen_cost, seed, samples)
+    idx, score = self._draws(theta, frozen_cost, seed, samples)
+    order = np.argsort(-score, kind='stable')
+    chosen, seen = [], set()
+    for row in [np.asarray(first)] + [idx[i] for i in order if np.isfinite(score[i])]:
+      key = tuple(int(i) for i in row)
+      if key not in seen:
+        seen.add(key)
+        chosen.append(self._architecture(row))
+      if len(chosen) == count:
+        break
+    return chosen
+
+  def _frozen_cost(self):
+    """The resources [R] of the searchable layers the stage holds at one op."""
+    tables = self.problem.tables.stacked()
+    return sum((tables[:, self.space.searchable_names.index(n), self.space.op_names.index(o)]
+                for n, o in self.frozen.items()), np.zeros(self.problem.tables.num_resources))
+
+  def _architecture(self, idx) -> arch_lib.Architecture:
+    """The whole architecture: the frozen layers' ops and `idx` (op indices of the stage's
+    layers)."""
     chosen = dict(self.frozen)
-    frozen_cost = sum((tables.stacked()[:, self.space.searchable_names.index(n),
-                                        self.space.op_names.index(o)]
-                       for n, o in chosen.items()), np.zeros(tables.num_resources))
-    best = self.within_targets(theta, best, frozen_cost, seed)
-    chosen.update({n: self.space.op_names[int(i)] for n, i in zip(self.layers, best)})
+    chosen.update({n: self.space.op_names[int(i)] for n, i in zip(self.layers, idx)})
     return arch_lib.Architecture(self.space.name,
                                  tuple(chosen[n] for n in self.space.searchable_names))
 
-  def within_targets(self, theta, mode, frozen_cost, seed: int, samples: int = 20000,
-                     tolerance: float = costs.TOLERANCE):
-    """The proposal's most probable architecture (`mode`, op indices of the stage's layers)
-    when it lies within `tolerance` of every active target; otherwise the most probable of
-    `samples` draws from the proposal that does (the mode of a distribution that meets the
-    targets need not meet them itself), or the mode when no draw does."""
+  def _meets(self, idx, frozen_cost, tolerance: float = costs.TOLERANCE):
+    """[k] whether each architecture (op indices [k, L] of the stage's layers) lies within
+    `tolerance` of every active target."""
     p = self.problem
     tables = p.tables.stacked()[:, self.rows]  # [R, L, O]
     offset = p.tables.fixed() + frozen_cost
     t = np.where(p.active, p.targets, 1.0)
-    n = len(self.rows)
+    cost = offset[:, None] + tables[:, np.arange(len(self.rows)), idx].sum(-1)
+    return np.all((np.abs(cost - t[:, None]) <= tolerance * t[:, None]) |
+                  ~p.active[:, None], axis=0)
 
-    def meets(idx):  # idx [k, L] -> [k]
-      cost = offset[:, None] + tables[:, np.arange(n), idx].sum(-1)
-      return np.all((np.abs(cost - t[:, None]) <= tolerance * t[:, None]) |
-                    ~p.active[:, None], axis=0)
-    if meets(np.asarray(mode)[None])[0]:
-      return mode
+  def _draws(self, theta, frozen_cost, seed: int, samples: int):
+    """(op indices [samples, L] drawn from softmax(theta), their log-probability where they
+    meet the targets and -inf elsewhere); the draws depend on `seed` alone."""
     logits = np.where(np.asarray(self.mask), theta, -np.inf)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     rng = np.random.default_rng([seed, 0x4d4f4445])
     idx = np.argmax(logp[None] + rng.gumbel(size=(samples, *logp.shape)), axis=-1)
-    ok = meets(idx)
-    if not ok.any():
+    score = logp[np.arange(len(self.rows)), idx].sum(-1)
+    return idx, np.where(self._meets(idx, frozen_cost), score, -np.inf)
+
+  def within_targets(self, theta, mode, frozen_cost, seed: int, samples: int = 20000):
+    """The proposal's most probable architecture (`mode`, op indices of the stage's layers)
+    when it lies within the tolerance of every active target; otherwise the most probable of
+    `samples` draws from the proposal that does (the mode of a distribution that meets the
+    targets need not meet them itself), or the mode when no draw does."""
+    if self._meets(np.asarray(mode)[None], frozen_cost)[0]:
       return mode
-    score = np.where(ok, logp[np.arange(n), idx].sum(-1), -np.inf)
+    idx, score = self._draws(theta, frozen_cost, seed, samples)
+    if not np.isfinite(score).any():
+      return mode
     return idx[int(np.argmax(score))]
 
   def proposal_samples(self, arch, key, tau, n: int):

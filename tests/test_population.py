@@ -109,6 +109,28 @@ def test_random_architectures_lie_within_the_budget_and_are_distinct():
                                     max_draws=20000)
 
 
+def test_uniform_architectures_are_the_one_op_networks_within_the_budget():
+  space = spaces.get_space('fbnet_shallow', 24, 10, 0.25,
+                           ('k3e1', 'k3e3', 'k3e6', 'k5e1', 'k5e3', 'k5e6', 'skip'), stem_stride=1)
+  tables = costs.cost_tables(space)
+  cost = {op: tables.cost([space.op_names.index(op)] * len(space.searchable_names))
+          for op in ('k3e1', 'k3e3', 'k3e6', 'k5e1', 'k5e3', 'k5e6')}
+  # Between k3e3's and k5e3's FLOPs (1.20M and 1.61M): k5e3, k3e6 and k5e6 are over budget.
+  targets = {'params': 150e3, 'flops': 1.45e6}
+  archs = population.uniform_architectures(space, targets)
+  kept = [ops[0] for ops in archs]
+  assert all(len(set(ops)) == 1 and len(ops) == len(space.searchable_names) for ops in archs)
+  assert set(kept) == {op for op, (p, f) in cost.items() if p <= 1.05 * 150e3
+                       and f <= 1.05 * 1.45e6}
+  assert set(kept) == {'k3e1', 'k3e3', 'k5e1'}
+  # skip is not offered by the downsampling layers, so there is no all-skip network.
+  assert 'skip' not in kept
+  assert [cost[op][0] for op in kept] == sorted((cost[op][0] for op in kept), reverse=True)
+  # A budget only the smallest fits; one none fits.
+  assert population.uniform_architectures(space, {'params': 70e3}) == [('k3e1',) * 12]
+  assert population.uniform_architectures(space, {'params': 10e3}) == []
+
+
 def test_mean_by_architecture():
   records = [{'ops': ['a'], 'top1': 0.5}, {'ops': ['a'], 'top1': 0.7}, {'ops': ['b'],
                                                                          'top1': 0.9}]

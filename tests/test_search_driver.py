@@ -7,6 +7,7 @@ import json
 import pytest
 
 from configs import quickstart
+from hournas_jax import arch as arch_lib
 from hournas_jax import search_phase
 from hournas_jax import setup as setup_lib
 from hournas_jax import costs, data, search, spaces, train
@@ -83,7 +84,11 @@ def test_a_result_more_than_5_percent_off_its_targets_is_warned_about(tmp_path, 
             'deviation': {'params': 0.1, 'flops': 0.0}, 'pi': [1.0]}
 
   class FinishedSearch:
-    def result(self, state):
+    def architecture(self, state):
+      return arch_lib.Architecture('toy', ops)
+
+    def result(self, state, architecture):
+      assert architecture.ops == ops
       return result
 
   search_phase._write_search_result(setup, FinishedSearch(), None)
