@@ -1,4 +1,4 @@
-"""How the searched architecture is read from the final distribution (config.search.final_selection).
+"""How the searched architecture is read from the final distribution (search.final_selection).
 
 'mode' (the paper): the leading proposal's most probable op in each layer, or its most probable
 draw within the targets when the mode misses them.
