@@ -293,8 +293,9 @@ def final_choice(setup: setup_lib.Setup, searcher, state):
   scored = final_selection.score(searcher.stage_of(state).engine, state.weights, setup.space,
                                  candidates, calibration, evaluation)
   chosen = final_selection.best(scored)
-  images = sum(int(np.asarray(b['mask']).sum()) if 'mask' in b else len(b['label'])
-               for b in evaluation)
+  # Host copies of global sums: the batches may span processes.
+  images = sum(int(mesh_lib.to_host(jax.numpy.sum(b['mask']))) if 'mask' in b
+               else int(b['label'].shape[0]) for b in evaluation)
   logging_utils.info(
       f'[search] final choice by inherited accuracy: candidate {chosen + 1} of {len(scored)} '
       f'({100 * scored[chosen].inherited_top1:.2f}% on D_val, {images} images; the most '
