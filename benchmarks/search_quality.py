@@ -77,7 +77,6 @@ VARIANTS = {
     # The final architecture chosen among the distribution's most probable ones by inherited
     # accuracy on D_val (hournas_jax/final_selection.py) instead of its mode.
     'inherited_choice': _setter('final_selection', 'inherited'),
-    'mode_choice': _setter('final_selection', 'mode'),
     # The SuperNet recipe that ranked best in benchmarks/supernet_ranking.py, with that choice.
     'sandwich_inherited': lambda s: (s.__setitem__('weight_sampling', 'sandwich'),
                                      s.__setitem__('final_selection', 'inherited')),

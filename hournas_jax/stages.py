@@ -339,22 +339,20 @@ class NonVitalStage(Stage):
     target by more than the tolerance (`within_targets`)."""
     theta = np.asarray(self.leading_theta(arch), np.float64)
     best = np.asarray(sampling.argmax_ops(theta, self.mask))
-    return self._architecture(self.within_targets(theta, best, self._frozen_cost(), seed))
+    return self._architecture(self.within_targets(theta, best, seed))
 
   def candidates(self, arch, seed: int, count: int,
                  samples: int = 20000) -> list[arch_lib.Architecture]:
-    """Up to `count` distinct architectures of the leading proposal within the tolerance of
-    every active target, most probable first: `architecture`'s choice, then the most probable
-    of `samples` draws that meet the targets (the final choice by inherited accuracy scores
-    these)."""
+    """Up to `count` distinct architectures of the leading proposal, most probable first:
+    `architecture`'s choice, then the most probable of `samples` draws that lie within the
+    tolerance of every active target (the final choice by inherited accuracy scores these)."""
     theta = np.asarray(self.leading_theta(arch), np.float64)
-    mode = np.asarray(sampling.argmax_ops(theta, self.mask))
-    frozen_cost = self._frozen_cost()
-    first = self.within_targets(theta, mode, frozen_cost, seed, samples)
-    idx, score = self._draws(theta, frozen_cost, seed, samples)
-    order = np.argsort(-score, kind='stable')
+    first = self.within_targets(theta, np.asarray(sampling.argmax_ops(theta, self.mask)), seed,
+                                samples)
+    idx, score = self._draws(theta, seed, samples)
     chosen, seen = [], set()
-    for row in [np.asarray(first)] + [idx[i] for i in order if np.isfinite(score[i])]:
+    for row in [np.asarray(first)] + [idx[i] for i in np.argsort(-score, kind='stable')
+                                      if np.isfinite(score[i])]:
       key = tuple(int(i) for i in row)
       if key not in seen:
         seen.add(key)
@@ -362,12 +360,6 @@ class NonVitalStage(Stage):
       if len(chosen) == count:
         break
     return chosen
-
-  def _frozen_cost(self):
-    """The resources [R] of the searchable layers the stage holds at one op."""
-    tables = self.problem.tables.stacked()
-    return sum((tables[:, self.space.searchable_names.index(n), self.space.op_names.index(o)]
-                for n, o in self.frozen.items()), np.zeros(self.problem.tables.num_resources))
 
   def _architecture(self, idx) -> arch_lib.Architecture:
     """The whole architecture: the frozen layers' ops and `idx` (op indices of the stage's
@@ -377,18 +369,14 @@ class NonVitalStage(Stage):
     return arch_lib.Architecture(self.space.name,
                                  tuple(chosen[n] for n in self.space.searchable_names))
 
-  def _meets(self, idx, frozen_cost, tolerance: float = costs.TOLERANCE):
-    """[k] whether each architecture (op indices [k, L] of the stage's layers) lies within
-    `tolerance` of every active target."""
-    p = self.problem
-    tables = p.tables.stacked()[:, self.rows]  # [R, L, O]
-    offset = p.tables.fixed() + frozen_cost
-    t = np.where(p.active, p.targets, 1.0)
-    cost = offset[:, None] + tables[:, np.arange(len(self.rows)), idx].sum(-1)
-    return np.all((np.abs(cost - t[:, None]) <= tolerance * t[:, None]) |
-                  ~p.active[:, None], axis=0)
+  def _meets(self, idx):
+    """[k] whether each architecture (op indices [k, L] of the stage's layers, the frozen ones
+    at their ops) lies within the tolerance of every active target."""
+    tables, _, offset = self.tables
+    return proposals.within_targets(costs.architecture_costs(idx, tables, offset),
+                                    self.problem.targets, self.problem.active)
 
-  def _draws(self, theta, frozen_cost, seed: int, samples: int):
+  def _draws(self, theta, seed: int, samples: int):
     """(op indices [samples, L] drawn from softmax(theta), their log-probability where they
     meet the targets and -inf elsewhere); the draws depend on `seed` alone."""
     logits = np.where(np.asarray(self.mask), theta, -np.inf)
@@ -397,16 +385,16 @@ class NonVitalStage(Stage):
     rng = np.random.default_rng([seed, 0x4d4f4445])
     idx = np.argmax(logp[None] + rng.gumbel(size=(samples, *logp.shape)), axis=-1)
     score = logp[np.arange(len(self.rows)), idx].sum(-1)
-    return idx, np.where(self._meets(idx, frozen_cost), score, -np.inf)
+    return idx, np.where(self._meets(idx), score, -np.inf)
 
-  def within_targets(self, theta, mode, frozen_cost, seed: int, samples: int = 20000):
+  def within_targets(self, theta, mode, seed: int, samples: int = 20000):
     """The proposal's most probable architecture (`mode`, op indices of the stage's layers)
     when it lies within the tolerance of every active target; otherwise the most probable of
     `samples` draws from the proposal that does (the mode of a distribution that meets the
     targets need not meet them itself), or the mode when no draw does."""
-    if self._meets(np.asarray(mode)[None], frozen_cost)[0]:
+    if self._meets(np.asarray(mode)[None])[0]:
       return mode
-    idx, score = self._draws(theta, frozen_cost, seed, samples)
+    idx, score = self._draws(theta, seed, samples)
     if not np.isfinite(score).any():
       return mode
     return idx[int(np.argmax(score))]
