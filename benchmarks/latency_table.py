@@ -76,7 +76,8 @@ def timing_figures(runtime: latency.Runtime, timings: list[dict]) -> dict:
 
 def run_runtime(args, space, name: str, threads) -> dict:
   protocol = latency.Protocol(name, threads, args.warmup, args.repeats, timer=args.timer,
-                              min_sample_ms=args.min_sample_ms, calibration=args.calibration)
+                              min_sample_ms=args.min_sample_ms, calibration=args.calibration,
+                              passes=args.passes)
   runtime = latency.Runtime(protocol, max_spread=args.max_spread, retries=args.retries)
   os.makedirs(args.tables_dir, exist_ok=True)
   path = os.path.join(args.tables_dir, f'{space.name}_{space.resolution}px_w{space.width:g}_'
@@ -169,6 +170,8 @@ def build_parser() -> tools.Parser:
   p.add_argument('--retries', type=int, default=latency.DEFAULT_RETRIES)
   p.add_argument('--calibration', type=int, default=latency.DEFAULT_CALIBRATION,
                  help='whole networks the table measures to correct its sums (0: none)')
+  p.add_argument('--passes', type=tools.positive_int, default=latency.DEFAULT_PASSES,
+                 help='passes over the table\'s entries, each entry\'s lowest median kept')
   p.add_argument('--timer', choices=tuple(latency.TIMERS), default='wall',
                  help='process_cpu on a machine shared with other work (see hournas_jax.latency)')
   p.add_argument('--tables-dir', default='/tmp/hournas_latency_tables')

@@ -2,10 +2,10 @@
 
     python main.py --config=configs/quickstart.py --workdir=/tmp/hournas_quickstart
 
-No download, no accelerator: in under 10 minutes on 2 CPU cores it searches a small FBNet space
+No download, no accelerator: in about 5 minutes on 2 CPU cores it searches a small FBNet space
 (fbnet_shallow: 12 SuperBlocks at width 0.25 with 4 of FBNet's candidate ops, 16x16 inputs,
-10 classes), retrains the found architecture from scratch, retrains a random architecture of the
-same budget the same way, and prints the searched architecture and both test accuracies.
+10 classes), retrains the found architecture from scratch, trains it and 6 random architectures
+of the same budget with 2 seeds each (config.baseline), and prints where it falls among them.
 
 What is scaled down from the paper, and why:
 - 4 candidate ops (k3e1, k3e6, k5e3, skip) instead of 9: on a CPU the search's cost is XLA
@@ -61,5 +61,8 @@ def get_config():
   config.checkpoint_every_steps = 100
   config.log_every_steps = 50
   config.proposal_samples = 2000
-  config.xla_fast_compile = True
+  # XLA's optimisations pay for themselves even here: with them, retraining (880 steps) ran
+  # 3.7x faster a step (6,100 against 1,660 images/s, 36 s against 54 s in all, cold cache)
+  # and the search no slower (57 s against 60 s, the same architecture found).
+  config.xla_fast_compile = False
   return config

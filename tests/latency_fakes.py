@@ -3,6 +3,7 @@ make up their samples or drive a fake clock, and a protocol of few repeats."""
 
 import os
 
+import jax
 import numpy as np
 
 from hournas_jax import latency
@@ -42,6 +43,24 @@ class CountingRuntime(latency.Runtime):
     return base + np.array([0.0, 1.0, 2.0, 3.0, 4.0]) * 1e-5
 
 
+class SlowFirstRuntime(CountingRuntime):
+  """The first measurement of each block runs twice as slow as the later ones (a burst of load
+  from elsewhere); `medians` keeps each block's medians in call order."""
+
+  def __init__(self, protocol, **kw):
+    super().__init__(protocol, **kw)
+    self.medians = {}
+
+  def samples(self, apply_fn, variables, shape, seed=0):
+    self.calls += 1
+    leaves = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(variables))
+    block = (tuple(shape), leaves)
+    ms = 0.01 + 1e-6 * sum(int(np.prod(l)) for l in leaves) + 1e-4 * int(np.prod(shape))
+    ms *= 1 if block in self.medians else 2
+    self.medians.setdefault(block, []).append(ms)
+    return ms + np.array([-2.0, -1.0, 0.0, 1.0, 2.0]) * 1e-6
+
+
 class ScriptedRuntime(latency.Runtime):
   """Each run advances a fake clock (the timer and the machine's) by the next of
   durations(shape) ms; nothing is compiled."""
@@ -67,7 +86,7 @@ def constant(ms):
 
 def protocol(**kw):
   return latency.Protocol(**{'runtime': 'xla_cpu', 'threads': 1, 'warmup': 0, 'repeats': 3,
-                             'calibration': 0, **kw})
+                             'calibration': 0, 'passes': 1, **kw})
 
 
 def fake_table(path, space=None, channels=3, **kw):

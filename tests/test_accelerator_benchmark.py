@@ -24,11 +24,13 @@ def _number(x):
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-# The smallest configuration: one path engine, one candidate op besides skip, a few steps; a
-# precision no engine has (float16) is asked for too, and must come back null with a reason.
+# The smallest configuration: the 12-layer FBNet at 16 px, one path engine, one candidate op
+# besides skip, a few steps; a precision no engine has (float16) is asked for too, and must
+# come back null with a reason.
 SMALLEST = ['--tiny', '--skip-pipeline', '--skip-all-candidates', '--engines', 'single_path',
-            '--ops', 'k3e1,skip', '--precisions', 'float32,float16', '--steps', '4',
-            '--fixed-steps', '2', '--budget-s', '0']
+            '--space', 'fbnet_shallow', '--image-size', '16', '--ops', 'k3e1,skip',
+            '--precisions', 'float32,float16', '--steps', '4', '--fixed-steps', '2',
+            '--budget-s', '0']
 
 KEYS = ('engines', 'fixed_img_s', 'all_candidates_img_s', 'pipeline_img_s_per_core',
         'peak_device_mb', 'compile_s', 'host_ms_per_step', 'projected_search_minutes', 'device',
@@ -61,7 +63,7 @@ def test_smallest_run_reports_every_key(capsys):
   # A CPU has no memory statistics: null, and the notes say why.
   assert out['peak_device_mb'] is None and 'peak_device_mb' in out['notes']
   sizes = out['sizes']
-  assert (sizes['space'], sizes['image_size'], sizes['batch']) == ('fbnet', 32, 8)
+  assert (sizes['space'], sizes['image_size'], sizes['batch']) == ('fbnet_shallow', 16, 8)
   assert sizes['ops'] == ['k3e1', 'skip'] and sizes['steps'] == 4
   assert isinstance(out['device'], str) and out['device']
 

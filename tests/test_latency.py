@@ -13,15 +13,15 @@ import pytest
 
 from hournas_jax import arch, costs, errors, latency, spaces
 from hournas_jax.tools import latency as latency_tool
-from latency_fakes import RES, CountingRuntime, fake_table, protocol
+from latency_fakes import SlowFirstRuntime, RES, CountingRuntime, fake_table, protocol
 from spaces_for_tests import TOY_TABLE, tiny_config, toy_space
 
 
 def test_real_xla_table_has_the_documented_format(tmp_path):
   space = toy_space(RES)
   path = tmp_path / 'table.json'
-  table = latency.build_table(space, protocol(repeats=2, min_sample_ms=1.0, calibration=1),
-                              str(path), log=open(os.devnull, 'w'))
+  table = latency.build_table(space, protocol(repeats=2, min_sample_ms=1.0, calibration=1,
+                                              passes=2), str(path), log=open(os.devnull, 'w'))
   assert json.loads(path.read_text()) == table
   assert os.listdir(tmp_path) == ['table.json']  # no temporary file left
   assert table['format'] == latency.TABLE_FORMAT
@@ -55,10 +55,14 @@ def test_real_xla_table_has_the_documented_format(tmp_path):
   assert list(network['layers']) == [l.name for l in space.layers]
   assert 0 < network['p10'] <= network['median'] <= network['p90']
   assert set(table['calibration']['scale']) == {'net', 'plain'}
+  # Two passes over the 12 distinct blocks (stem, head, 2 ops x 5 layers), each entry's lower
+  # median kept.
+  assert p['passes'].startswith('2 passes')
+  assert all(n == 2 for ops in table['passes'].values() for n in ops.values())
   # The load and spread figures of the build; a toy block runs well under 1 ms, so each
   # sample timed several runs.
   (session,) = table['quality']['sessions']
-  assert session['measurements'] == 1 + 2 + 10 + 1
+  assert session['measurements'] == 1 + 2 * (2 + 10) + 1
   assert session['runs_per_sample'][1] > 1
   assert 0 < session['cpu_share']['median'] and session['cores'] == os.cpu_count()
   assert isinstance(table['quality']['busy'], bool)
@@ -79,6 +83,38 @@ def test_resume_skips_measured_entries(tmp_path):
   assert runtime.calls == 2
   assert set(table['latency_ms']['layer1_1']) == {'k3e1', 'k3e3', 'skip'}
   assert set(table['latency_ms']['head']) == {'head'}
+
+
+def test_a_later_pass_replaces_a_slowed_measurement_and_resumes(tmp_path):
+  path = tmp_path / 't.json'
+  runtime = SlowFirstRuntime(protocol(passes=2))
+  table = latency.build_table(toy_space(RES), protocol(passes=2), str(path), runtime=runtime,
+                              log=open(os.devnull, 'w'))
+  assert runtime.calls == 1 + 2 * (2 + 2 * 5)  # overhead once, the 12 distinct blocks twice
+  # Each block's first measurement ran twice as slow; the table holds its second, for every
+  # layer alike (a stage's later layers share their first layer's measurements).
+  twice = [m for m in runtime.medians.values() if len(m) == 2]  # all but the overhead
+  assert len(twice) == 12 and all(m[0] == 2 * m[1] for m in twice)
+  kept = {ms for layer, ops in table['latency_ms'].items() for op, ms in ops.items()
+          if op != 'skip'}
+  assert kept == {m[1] for m in twice}
+  assert all(n == 2 for ops in table['passes'].values() for n in ops.values())
+  one_pass = latency.build_table(toy_space(RES), protocol(passes=1), str(tmp_path / '1.json'),
+                                 runtime=SlowFirstRuntime(protocol(passes=1)),
+                                 log=open(os.devnull, 'w'))
+  assert one_pass['latency_ms']['layer1_1']['k3e1'] == 2 * table['latency_ms']['layer1_1'][
+      'k3e1']
+  # A build cut short in its second pass measures the entries it had not reached, once.
+  data = json.loads(path.read_text())
+  data['passes']['layer1_1']['k3e3'] = 1
+  path.write_text(json.dumps(data))
+  runtime = SlowFirstRuntime(protocol(passes=2))
+  again = latency.build_table(toy_space(RES), protocol(passes=2), str(path), runtime=runtime,
+                              log=open(os.devnull, 'w'))
+  assert runtime.calls == 1
+  assert again['passes']['layer1_1']['k3e3'] == 2
+  # Slowed (this runtime's first call), so the table's lower figure stays.
+  assert again['latency_ms']['layer1_1']['k3e3'] == table['latency_ms']['layer1_1']['k3e3']
 
 
 def test_same_blocks_on_same_shapes_measure_once(tmp_path):
@@ -260,6 +296,13 @@ def test_cli_builds_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, capsy
   assert 'ops must be a subset' in capsys.readouterr().err
   assert latency_tool.main(argv + ['--max-spread', '0']) == 2
   assert capsys.readouterr().err.count('\n') == 1
+  assert latency_tool.main(argv + ['--passes', '0']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and '--passes >= 1' in err
+  # The table holds how many passes measured it, and a table of one pass is not resumed as two.
+  assert table['protocol']['passes'].startswith('2 passes')
+  assert latency_tool.main(argv[:-4] + ['--repeats', '3', '--out', out, '--passes', '1']) == 2
+  assert 'passes' in capsys.readouterr().err
 
 
 def test_tflite_runtime_measures_one_block():

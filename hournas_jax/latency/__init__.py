@@ -22,11 +22,13 @@ scheduler tick decides its figure), timed with time.perf_counter (or, --timer pr
 process's CPU time, for a machine shared with other work); the entry is their median, with
 p10 and p90 kept beside it. A measurement whose spread, (p90 - p10) / median, exceeds
 `max_spread` (10%) is timed again, up to `retries` (2) times; one that stays wider is kept
-and listed in the table's `quality.wide`. float32 (or --precision), batch 1, inputs N(0, 1),
-variables drawn by `blocks.initial_value` (latency does not depend on their values). `skip`
-is 0.0 and is not measured: the identity is no op in the network's graph (XLA and the TFLite
-converter drop it). The stem, MnasNet's fixed SepConv and the head are measured like any
-candidate.
+and listed in the table's `quality.wide`. A second pass over the entries (`passes`, after the
+whole first one) times each again and keeps its lower median: a burst of load from elsewhere
+only ever slows a block, and rarely comes back minutes later. float32 (or --precision),
+batch 1, inputs N(0, 1), variables drawn by `blocks.initial_value` (latency does not depend
+on their values). `skip` is 0.0 and is not measured: the identity is no op in the network's
+graph (XLA and the TFLite converter drop it). The stem, MnasNet's fixed SepConv and the head
+are measured like any candidate.
 
 Load (`build.py`): every measurement reads the 1-minute load average and the share of a core
 the timed runs got (process CPU time / wall time); each build records them, with the spread
@@ -59,7 +61,8 @@ from hournas_jax.latency.predict import (TABLE_FORMAT, LatencyTable, command, co
                                          read_json, sum_ms)
 from hournas_jax.latency.timing import (BUSY_CPU_SHARE, BUSY_LOAD_PER_CORE, DEFAULT_CALIBRATION,
                                         DEFAULT_MAX_SPREAD, DEFAULT_MIN_SAMPLE_MS,
-                                        DEFAULT_REPEATS, DEFAULT_RETRIES, DEFAULT_WARMUP,
+                                        DEFAULT_PASSES, DEFAULT_REPEATS, DEFAULT_RETRIES,
+                                        DEFAULT_WARMUP,
                                         OVERHEAD_SHAPE, PRECISIONS, RUNTIMES, SKIP_RULE, TIMERS,
                                         LatencyError, Machine, Protocol, Runtime,
                                         block_variables, device_info, inference_fn, inner_runs,
@@ -69,8 +72,9 @@ from hournas_jax.latency.timing import (BUSY_CPU_SHARE, BUSY_LOAD_PER_CORE, DEFA
 
 __all__ = [
     'BUSY_CPU_SHARE', 'BUSY_LOAD_PER_CORE', 'CALIBRATION_SEED', 'DEFAULT_CALIBRATION',
-    'DEFAULT_MAX_SPREAD', 'DEFAULT_MIN_SAMPLE_MS', 'DEFAULT_REPEATS', 'DEFAULT_RETRIES',
-    'DEFAULT_WARMUP', 'LatencyError', 'LatencyTable', 'Machine', 'OVERHEAD_SHAPE', 'PRECISIONS',
+    'DEFAULT_MAX_SPREAD', 'DEFAULT_MIN_SAMPLE_MS', 'DEFAULT_PASSES', 'DEFAULT_REPEATS',
+    'DEFAULT_RETRIES', 'DEFAULT_WARMUP', 'LatencyError', 'LatencyTable', 'Machine',
+    'OVERHEAD_SHAPE', 'PRECISIONS',
     'Protocol', 'RUNTIMES', 'Runtime', 'SKIP_RULE', 'TABLE_FORMAT', 'TIMERS', 'block_variables',
     'build_table', 'calibration_networks', 'command', 'correction', 'device_info',
     'entries_to_measure', 'inference_fn', 'inner_runs', 'input_shape', 'latency_tables',

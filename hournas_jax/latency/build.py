@@ -1,4 +1,6 @@
-"""Building a latency table: every missing entry measured, then the calibration networks.
+"""Building a latency table: every missing entry measured, then measured again in later passes
+(`Protocol.passes`; each entry keeps its lowest median, `passes` counts them per entry, so a
+build cut short resumes in the pass it was in), then the calibration networks.
 
 Each build records a session in `quality`: the load average and the CPU share of the timed
 runs, the spread of the measurements, how many were timed again; a session whose figures
@@ -69,6 +71,21 @@ def calibration_networks(space: spaces.SearchSpace, count: int,
     chosen = iter([a[rng.integers(len(a))] for a in allowed])
     out.append({l.name: next(chosen) if l.searchable else l.ops[0] for l in space.layers})
   return out
+
+
+def _stats(table: dict, layer: str, op: str) -> dict:
+  return {s: table[column][layer][op] for s, column in
+          (('median', 'latency_ms'), ('p10', 'p10_ms'), ('p90', 'p90_ms'))}
+
+
+def _set(table: dict, layer: str, op: str, stats: dict) -> None:
+  for s, column in (('median', 'latency_ms'), ('p10', 'p10_ms'), ('p90', 'p90_ms')):
+    table[column].setdefault(layer, {})[op] = stats[s]
+
+
+def _passes(passes: dict, layer, op: str) -> int:
+  """Passes measured for an entry; tables written before passes were counted hold one."""
+  return passes.get(layer.name, {}).get(op, 1)
 
 
 def _write(path: str, table: dict) -> None:
@@ -167,20 +184,29 @@ def build_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *, chan
   quality = table.setdefault('quality', {})
   quality['max_spread'] = getattr(runtime, 'max_spread', timing.DEFAULT_MAX_SPREAD)
   quality['retries'] = getattr(runtime, 'retries', timing.DEFAULT_RETRIES)
+  entries = [(layer, op, _entry_key(space, layer, op, channels))
+             for layer, op in entries_to_measure(space, ops)]
+  passes = table.setdefault('passes', {})  # layer -> op -> passes measured (absent: 1)
   done = {}  # entry key -> stats, from entries already in the table
   todo = []
-  for layer, op in entries_to_measure(space, ops):
-    key = _entry_key(space, layer, op, channels)
+  for layer, op, key in entries:
     if op in table['latency_ms'].get(layer.name, {}):
       if key is not None:
-        done.setdefault(key, {s: table[column][layer.name][op] for s, column in
-                              (('median', 'latency_ms'), ('p10', 'p10_ms'), ('p90', 'p90_ms'))})
+        done.setdefault(key, _stats(table, layer.name, op))
     else:
       todo.append((layer, op, key))
+  # Entries alike (one key) share their measurements: the first of each key stands for all.
+  alike = {}
+  for layer, op, key in entries:
+    if key is not None:
+      alike.setdefault(key, []).append((layer, op))
   networks = calibration_networks(space, protocol.calibration, ops)
   networks = networks[len(calibration['networks']):]
   distinct = {k for _, _, k in todo if k is not None and k not in done}
-  count = len(distinct) + (table['overhead_ms'] is None) + len(networks)
+  again = sum(max(0, protocol.passes - _passes(passes, *members[0]))
+              for key, members in alike.items() if key not in distinct)
+  count = (len(distinct) * protocol.passes + again + (table['overhead_ms'] is None)
+           + len(networks))
   print(f'latency table {out}: {len(todo)} entries to fill, {len(networks)} calibration '
         f'networks ({count} measurements), {protocol.runtime}, threads {protocol.threads}',
         file=log, flush=True)
@@ -216,12 +242,33 @@ def build_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *, chan
           f'{layer.name}/{op}', lambda l=layer, o=op: runtime.block_samples(space, l, o, channels))
     else:
       stats = done[key]
-    table['latency_ms'].setdefault(layer.name, {})[op] = stats['median']
-    table['p10_ms'].setdefault(layer.name, {})[op] = stats['p10']
-    table['p90_ms'].setdefault(layer.name, {})[op] = stats['p90']
+    _set(table, layer.name, op, stats)
+    if key is not None:
+      passes.setdefault(layer.name, {})[op] = 1 if fresh else _passes(passes, *alike[key][0])
     if fresh:
       _write(out, table)
       progress(f'{layer.name} {op} {input_shape(space, layer, channels)}', stats)
+  # Later passes, after the whole first one: each distinct entry again, its lowest median kept.
+  for number in range(2, protocol.passes + 1):
+    for members in alike.values():
+      layer, op = members[0]
+      if _passes(passes, layer, op) >= number:
+        continue
+      stats = session.measure(
+          f'{layer.name}/{op}', lambda l=layer, o=op: runtime.block_samples(space, l, o, channels))
+      kept = min(stats, _stats(table, layer.name, op), key=lambda s: s['median'])
+      for l, o in members:
+        _set(table, l.name, o, kept)
+        passes.setdefault(l.name, {})[o] = number
+      label = f'{layer.name}/{op}'
+      spread = (kept['p90'] - kept['p10']) / kept['median'] if kept['median'] > 0 else 0.0
+      wide = quality.setdefault('wide', {})
+      if spread > quality['max_spread']:
+        wide[label] = round(spread, 4)
+      else:
+        wide.pop(label, None)
+      _write(out, table)
+      progress(f'{layer.name} {op} pass {number} (kept {kept["median"]:.4f} ms)', stats)
   for layer_ops in networks:
     i = len(calibration['networks'])
     searchable = [layer_ops[n] for n in space.searchable_names]

@@ -32,6 +32,11 @@ DEFAULT_MIN_SAMPLE_MS = 5.0
 MAX_INNER = 100_000
 DEFAULT_MAX_SPREAD = 0.10
 DEFAULT_RETRIES = 2
+# Passes over a table's entries, the lowest median kept: a slowdown of a second or so from
+# elsewhere (once: layer1_1/k5e6 of FBNet at 64 px timed at 2.1x, with a 10% spread, then at
+# 1.0x in 8 fresh interpreters) only ever makes a block slower, and a 2nd pass minutes later
+# rarely meets it again.
+DEFAULT_PASSES = 2
 # Whole networks measured with the table, to fit its correction (see `predict`).
 DEFAULT_CALIBRATION = 5
 # Busy: a 1-minute load average above this many runnable processes per core (the measuring
@@ -69,6 +74,7 @@ class Protocol:
   timer: str = 'wall'  # a key of TIMERS
   min_sample_ms: float = DEFAULT_MIN_SAMPLE_MS  # 0: one run a sample
   calibration: int = DEFAULT_CALIBRATION  # whole networks measured to correct the sums
+  passes: int = DEFAULT_PASSES  # passes over the entries, each entry's lowest median kept
 
   def to_dict(self) -> dict:
     if self.runtime == 'tflite':
@@ -91,7 +97,9 @@ class Protocol:
                    if self.min_sample_ms > 0 else 'one run'),
         'depthwise_impl': depthwise, 'skip': SKIP_RULE,
         'overhead': f'one-op graph (input times a constant) on a {list(OVERHEAD_SHAPE)} input',
-        'calibration_networks': self.calibration}
+        'calibration_networks': self.calibration,
+        'passes': (f'{self.passes} passes over the entries, each entry\'s lowest median kept '
+                   '(with its p10 and p90)' if self.passes > 1 else 'one pass')}
 
 
 # --------------------------------------------------------------------------------------------

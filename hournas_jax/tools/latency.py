@@ -48,6 +48,9 @@ def build_parser() -> tools.Parser:
                  help='times a measurement is timed again while too wide')
   p.add_argument('--calibration', type=int, default=latency.DEFAULT_CALIBRATION,
                  help='whole networks measured to correct the sums of blocks (0: none)')
+  p.add_argument('--passes', type=int, default=latency.DEFAULT_PASSES,
+                 help='passes over the entries, each entry\'s lowest median kept (a burst of '
+                 'load from elsewhere only slows a measurement)')
   p.add_argument('--out', required=True, help='the table (JSON); resumed if it exists')
   p.add_argument('--overwrite', action='store_true',
                  help='start the table again if it was measured another way')
@@ -60,9 +63,9 @@ def main(argv=None) -> int:
     if args.warmup < 0 or args.repeats < 1:
       raise latency.LatencyError('--warmup must be >= 0 and --repeats >= 1')
     if not (args.min_sample_ms >= 0 and args.max_spread > 0 and args.retries >= 0
-            and args.calibration >= 0):
+            and args.calibration >= 0 and args.passes >= 1):
       raise latency.LatencyError('--min-sample-ms, --retries and --calibration must be >= 0, '
-                                 '--max-spread > 0')
+                                 '--max-spread > 0, --passes >= 1')
     if args.precision != 'float32' and args.runtime != 'tflite':
       raise latency.LatencyError('--precision applies to --runtime tflite only')
     ops = tuple(o.strip() for o in args.ops.split(',') if o.strip()) or None
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     threads = latency.setup_threads(args.runtime, args.threads)
     protocol = latency.Protocol(args.runtime, threads, args.warmup, args.repeats,
                                 args.precision, args.timer, args.min_sample_ms,
-                                args.calibration)
+                                args.calibration, args.passes)
     runtime = latency.Runtime(protocol, max_spread=args.max_spread, retries=args.retries)
     t = time.perf_counter()
     table = latency.build_table(space, protocol, args.out, channels=args.channels,
