@@ -116,13 +116,17 @@ class _Session:
       self.timings.append(last)
       self.loads.append(last['load'])
     self.spreads.append(stats['spread'])
-    wide = self.quality.setdefault('wide', {})
-    if stats['spread'] > self.quality['max_spread']:
-      wide[label] = round(stats['spread'], 4)
-    else:
-      wide.pop(label, None)
+    self.mark_wide(label, stats['spread'])
     self.update()
     return stats
+
+  def mark_wide(self, label: str, spread: float) -> None:
+    """Lists `label` in quality.wide when the spread of its kept figures exceeds the limit."""
+    wide = self.quality.setdefault('wide', {})
+    if spread > self.quality['max_spread']:
+      wide[label] = round(spread, 4)
+    else:
+      wide.pop(label, None)
 
   def update(self) -> None:
     loads = [x for x in self.loads if x == x]  # NaN: no load average on this system
@@ -260,13 +264,8 @@ def build_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *, chan
       for l, o in members:
         _set(table, l.name, o, kept)
         passes.setdefault(l.name, {})[o] = number
-      label = f'{layer.name}/{op}'
-      spread = (kept['p90'] - kept['p10']) / kept['median'] if kept['median'] > 0 else 0.0
-      wide = quality.setdefault('wide', {})
-      if spread > quality['max_spread']:
-        wide[label] = round(spread, 4)
-      else:
-        wide.pop(label, None)
+      session.mark_wide(f'{layer.name}/{op}', (kept['p90'] - kept['p10']) / kept['median']
+                        if kept['median'] > 0 else 0.0)
       _write(out, table)
       progress(f'{layer.name} {op} pass {number} (kept {kept["median"]:.4f} ms)', stats)
   for layer_ops in networks:
