@@ -31,8 +31,9 @@ Schema (every field, with its meaning):
   search.*              the search (see below); passed to hournas_jax.search.Searcher.
   retrain_after_search  search mode: retrain the found architecture right after the search.
   random_baseline       also train random architectures of the same budget and the searched
-                        one with several seeds (baseline.*: how many, seeds, processes) and
-                        report where the searched one falls among them, against the noise.
+                        one with several seeds (baseline.*: how many, seeds, processes,
+                        epochs) and report where the searched one falls among them, against
+                        the noise.
   train.*               the retraining recipe (see below).
   analysis.*            the block-importance analyses (see below).
   checkpoint_every_steps, keep_checkpoints, log_every_steps, tensorboard, proposal_samples,
@@ -153,6 +154,10 @@ def get_baseline_config() -> ml_collections.ConfigDict:
   b.architectures = 6        # random architectures within 5% of the targets
   b.seeds = 2                # training seeds of each (and of the searched one): the noise
   b.workers = 0              # processes training at once; 0 = one per core on a CPU, 1 else
+  # > 0: every member (the searched architecture too) trains this many epochs instead of
+  # config.train.epochs, the rest of the recipe unchanged: a shorter comparison for a quick
+  # look (the quickstart's), since each member costs a full training and a compile.
+  b.epochs = 0.0
   return b
 
 

@@ -2,12 +2,15 @@
 
 `compare_with_random` trains the architecture and config.baseline.architectures random ones
 within 5% of its budget, config.baseline.seeds seeds each (population training, resumable in
-<workdir>/baseline), and says where it falls among them and how that compares with the training
-noise: comparison.json, and the lines a user reads.
+<workdir>/baseline) with config.train's recipe (config.baseline.epochs long when set), and says
+where it falls among them and how that compares with the training noise: comparison.json, and
+the lines a user reads.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from typing import Mapping, Sequence
 
@@ -19,6 +22,7 @@ from hournas_jax import checkpoint
 from hournas_jax import costs
 from hournas_jax import logging_utils
 from hournas_jax import population
+from hournas_jax import retrain
 from hournas_jax import setup as setup_lib
 from hournas_jax import spaces
 
@@ -28,6 +32,21 @@ def check_config(b) -> None:
   setup_lib.check(b.architectures >= 2 and b.seeds >= 1 and b.workers >= 0,
                   'config.baseline.architectures must be >= 2, baseline.seeds >= 1 and '
                   'baseline.workers >= 0')
+  setup_lib.check(setup_lib.finite(b.epochs) and b.epochs >= 0,
+                  f'config.baseline.epochs must be >= 0 (0 = config.train.epochs), got '
+                  f'{b.epochs}')
+
+
+def comparison_setup(setup: setup_lib.Setup) -> setup_lib.Setup:
+  """`setup` with the members' recipe: config.train, config.baseline.epochs long when set."""
+  epochs = float(setup.config.baseline.epochs)
+  if not epochs:
+    return setup
+  config = copy.deepcopy(setup.config)
+  config.train.epochs = epochs
+  # config.train.steps would take precedence over the epochs.
+  config.train.steps = 0
+  return dataclasses.replace(setup, config=config)
 
 
 def baseline_budget(space: spaces.SearchSpace, targets, ops: Sequence[str]) -> dict:
@@ -44,6 +63,7 @@ def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str]) -> dict:
   """Trains the architecture and config.baseline.architectures random ones of its budget with
   config.baseline.seeds seeds each (population training, resumable in <workdir>/baseline) and
   says where it falls among them and how that compares with the training noise."""
+  setup = comparison_setup(setup)
   config, space = setup.config, setup.space
   b = config.baseline
   budget = baseline_budget(space, config.targets, ops)
@@ -56,6 +76,8 @@ def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str]) -> dict:
                                                                       'baseline'),
                                         workers=population.default_workers(int(b.workers)),
                                         log_prefix='[baseline]')
+  per_epoch = setup.steps_per_epoch('train', config.train.batch_size)
+  steps = retrain.total_steps(config.train, per_epoch)
   means = population.mean_by_architecture(records)
   searched = means[tuple(ops)]
   random_means = np.array([means[tuple(a)][0] for a in random_archs])
@@ -63,7 +85,7 @@ def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str]) -> dict:
   noise = float(np.mean(seed_stds)) if seed_stds else float('nan')
   rank = 1 + int(np.sum(random_means > searched[0]))
   comparison = {
-      'budget': budget, 'seeds': len(seeds),
+      'budget': budget, 'seeds': len(seeds), 'steps': steps, 'epochs': steps / per_epoch,
       'searched': {'ops': list(ops), 'top1': searched[0],
                    'top1_seeds': [r['top1'] for r in records[:len(seeds)]],
                    'params': records[0]['params'], 'flops': records[0]['flops']},
@@ -87,8 +109,9 @@ def comparison_text(c: Mapping) -> str:
   r = c['random']
   seeds = c['seeds']
   gap = c['searched']['top1'] - r['median']
+  after = f' after {c["epochs"]:.3g} epochs' if 'epochs' in c else ''
   lines = ['', f'searched vs {len(r["top1"])} random architectures of the same budget (test '
-           f'top-1, each the mean of {seeds} training seed{"s" * (seeds > 1)}):',
+           f'top-1{after}, each the mean of {seeds} training seed{"s" * (seeds > 1)}):',
            f'  searched  {pct(c["searched"]["top1"])}  '
            f'{",".join(c["searched"]["ops"])}',
            f'  random    median {pct(r["median"])}, range {pct(r["min"])} to {pct(r["max"])}, '

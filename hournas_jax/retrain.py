@@ -166,8 +166,9 @@ class Retrainer:
       repl = mesh_lib.replicated(mesh)
       _COMPILED[key] = (jax.jit(self._train_step, out_shardings=repl, donate_argnums=0),
                         jax.jit(self._eval_sums, out_shardings=repl),
-                        jax.jit(_all_finite, out_shardings=repl))
-    compiled_step, self._eval_step, self.all_finite = _COMPILED[key]
+                        jax.jit(_all_finite, out_shardings=repl),
+                        jax.jit(self._state_from_variables, out_shardings=repl))
+    compiled_step, self._eval_step, self.all_finite, self._initial_state = _COMPILED[key]
     seed_array = jnp.asarray(self.seed, jnp.uint32)
     self.train_step = lambda state, batch: compiled_step(state, batch, seed_array)
 
@@ -188,8 +189,7 @@ class Retrainer:
     # from them comes out replicated, the sharding the training step takes and returns, so
     # the step compiles once.
     variables = mesh_lib.replicate(self.net.init_all(self.seed, self.image_shape), self.mesh)
-    return jax.jit(self._state_from_variables,
-                   out_shardings=mesh_lib.replicated(self.mesh))(variables)
+    return self._initial_state(variables)
 
   def abstract_state(self) -> dict:
     shapes = jax.eval_shape(lambda: self.net.init(

@@ -88,6 +88,32 @@ def test_recipe_fingerprint_follows_what_changes_results(tmp_path):
   assert population.recipe_fingerprint(a) == population.recipe_fingerprint(c)
 
 
+def test_a_diverged_member_fails_with_its_architecture_and_the_remedy(tmp_path):
+  setup = _setup(tmp_path, learning_rate=1e12, lr_scaling='none', warmup_epochs=0.0)
+  with pytest.raises(population.retrain.TrainingError) as error:
+    population.train_member(setup, OPS[0], 0)
+  message = str(error.value)
+  assert ','.join(OPS[0]) in message and 'non-finite test loss' in message
+  assert 'config.train.learning_rate' in message
+
+
+def test_the_comparison_trains_baseline_epochs_long_and_leaves_the_config_alone(tmp_path):
+  setup = _setup(tmp_path)
+  setup.config.baseline.epochs = 0.0
+  assert baseline.comparison_setup(setup) is setup
+  setup.config.baseline.epochs = 2.0
+  short = baseline.comparison_setup(setup)
+  # config.train.steps (3 here) would override the epochs: the comparison clears it.
+  assert (short.config.train.epochs, short.config.train.steps) == (2.0, 0)
+  assert (setup.config.train.epochs, setup.config.train.steps) != (2.0, 0)
+  assert short.space is setup.space and short.workdir == setup.workdir
+  # Members of the shorter recipe are stored apart from those of config.train's.
+  assert population.recipe_fingerprint(short) != population.recipe_fingerprint(setup)
+  setup.config.baseline.epochs = -1.0
+  with pytest.raises(setup_lib.ConfigError, match='config.baseline.epochs must be >= 0'):
+    baseline.check_config(setup.config.baseline)
+
+
 def test_random_architectures_lie_within_the_budget_and_are_distinct():
   space = spaces.get_space('fbnet_shallow', 24, 10, 0.25,
                            ('k3e1', 'k3e3', 'k3e6', 'k5e1', 'k5e3', 'k5e6', 'skip'), stem_stride=1)
@@ -172,6 +198,9 @@ def test_comparison_text_weighs_the_gap_against_the_noise():
   single = baseline.comparison_text(_comparison(0.95, [0.90, 0.94], seed_std=float('nan'),
                                              seeds=1))
   assert 'config.baseline.seeds >= 2' in single
+  short = baseline.comparison_text({**_comparison(0.95, [0.90, 0.94], seed_std=0.01),
+                                    'epochs': 2.5})
+  assert 'test top-1 after 2.5 epochs, each the mean of 2 training seeds' in short
 
 
 def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
