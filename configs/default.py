@@ -155,8 +155,9 @@ def get_baseline_config() -> ml_collections.ConfigDict:
   b.seeds = 2                # training seeds of each (and of the searched one): the noise
   b.workers = 0              # processes training at once; 0 = one per core on a CPU, 1 else
   # > 0: every member (the searched architecture too) trains this many epochs instead of
-  # config.train.epochs, the rest of the recipe unchanged: a shorter comparison for a quick
-  # look (the quickstart's), since each member costs a full training and a compile.
+  # config.train.epochs, the rest of the recipe unchanged: a cheaper comparison where full
+  # trainings cost too much. Short trainings rank less reliably (the README's "Compile time"
+  # note has the quickstart at 10 epochs), so the default is the full recipe.
   b.epochs = 0.0
   return b
 
