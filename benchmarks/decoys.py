@@ -14,7 +14,12 @@ each in its own workdir <out>/searches/decoys/seed<k> (reused when finished), an
 - decoy_mass: the same share in probability, p(decoy) / (p(decoy) + p(real)) of the final
   distribution (arch.json's probabilities), averaged over those layers;
 - the stand-alone test top-1 (config.train, --train-seeds seeds) of every layer at the real op
-  against every layer at its decoy, for each twinned op: how much worse a decoy is.
+  against every layer at its decoy, for each twinned op: how much worse a decoy is;
+- decoy_cost_top1 (unless --no-decoy-cost): what the decoys each search took cost it, in
+  stand-alone test top-1 points: each searched architecture trained as it was found, with its
+  vital layers' decoys made real, and with all of them made real (per stage: _vital is the
+  second minus the first, _nonvital the third minus the second). A pick rate says how often the
+  search took a decoy; this says whether taking it mattered.
 Chance is 0.5. Stand-alone trainings live in <out>/population (resumable). The last line
 printed is the JSON of <out>/results.json.
 """
@@ -51,6 +56,9 @@ def parse_args(argv=None):
                  help='stand-alone trainings of each all-real and all-decoy network')
   p.add_argument('--steps-scale', type=float, default=1.0,
                  help='multiplies the search epochs and the retraining epochs')
+  p.add_argument('--decoy-cost', action=argparse.BooleanOptionalAction, default=True,
+                 help='train each searched architecture as found and with its decoys made real '
+                      '(3 architectures per search, --train-seeds each)')
   p.add_argument('--tiny', action='store_true',
                  help='a few steps of everything (for tests; the figures mean nothing)')
   p.add_argument('--workers', type=int, default=0,
@@ -135,6 +143,42 @@ def standalone(setup, twinned, train_seeds, out, workers):
           for real, v in top1.items()}
 
 
+COST_VARIANTS = ('searched', 'vital_real', 'all_real')
+
+
+def cost_variants(space, ops, vital_layers) -> dict[str, tuple[str, ...]]:
+  """A searched architecture (one op per searchable layer) as found ('searched'), with the
+  decoys of its vital layers made real ('vital_real') and with every decoy made real
+  ('all_real')."""
+  from hournas_jax import decoys  # pylint: disable=g-import-not-at-top
+  names = space.searchable_names
+  return {'searched': tuple(ops),
+          'vital_real': tuple(decoys.real_of(op) if name in vital_layers else op
+                              for name, op in zip(names, ops)),
+          'all_real': tuple(decoys.real_of(op) for op in ops)}
+
+
+def decoy_costs(setup, architectures, vital_layers, train_seeds, out, workers):
+  """decoy_cost_top1 (overall, _vital, _nonvital): the mean over searches of the stand-alone
+  top-1 points each search's decoys cost it, with the per-search figures and top-1s."""
+  from hournas_jax import population  # pylint: disable=g-import-not-at-top
+  variants = [cost_variants(setup.space, ops, vital_layers) for ops in architectures]
+  members = [population.Member(v[kind], s, kind) for v in variants for kind in COST_VARIANTS
+             for s in range(train_seeds)]
+  records = population.train_population(setup, members, os.path.join(out, 'population'),
+                                        workers=workers, log_prefix='[decoy cost]')
+  top1 = {(tuple(r['ops']), int(r['seed'])): float(r['top1']) for r in records}
+  mean_top1 = lambda ops: float(np.mean([top1[ops, s] for s in range(train_seeds)]))
+  per_search = [{kind: mean_top1(v[kind]) for kind in COST_VARIANTS} for v in variants]
+  costs = {'decoy_cost_top1': [r['all_real'] - r['searched'] for r in per_search],
+           'decoy_cost_top1_vital': [r['vital_real'] - r['searched'] for r in per_search],
+           'decoy_cost_top1_nonvital': [r['all_real'] - r['vital_real'] for r in per_search]}
+  summary = {key: float(np.mean(v)) for key, v in costs.items()}
+  summary.update({f'{key}_per_search': v for key, v in costs.items()})
+  summary['decoy_cost_standalone_top1'] = per_search
+  return summary
+
+
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -161,8 +205,12 @@ def main(argv=None):
     sys.exit(2)
   results = [checkpoint.read_json(os.path.join(search_quality.search_dir(out, METHOD, s),
                                                'arch.json')) for s in range(args.seeds)]
-  rates = pick_rates(space, results, set(vital.vital_layers(space)))
+  vital_layers = set(vital.vital_layers(space))
+  rates = pick_rates(space, results, vital_layers)
   alone = standalone(setup, twinned, args.train_seeds, out, workers)
+  architectures = [[r['ops'][n] for n in space.searchable_names] for r in results]
+  cost = (decoy_costs(setup, architectures, vital_layers, args.train_seeds, out, workers)
+          if args.decoy_cost else {})
 
   lines = [f'Decoys on {setup.dataset} ({space.name}, twins of {", ".join(twinned)}), '
            f'{args.seeds} searches; chance is 0.50.', '',
@@ -176,6 +224,18 @@ def main(argv=None):
   for real, v in alone.items():
     lines.append(f'| {real} | {100 * v["real"]:.2f} | {100 * v["decoy"]:.2f} | '
                  f'{100 * (v["real"] - v["decoy"]):.2f} |')
+  if cost:
+    lines += ['', 'What the decoys cost the searched architectures (stand-alone test top-1, '
+              f'mean of {args.train_seeds} seeds; decoys made real in the vital layers, then '
+              'in all):',
+              '', '| search | as found (%) | vital decoys real (%) | all decoys real (%) |',
+              '|---|---|---|---|']
+    for seed, r in enumerate(cost['decoy_cost_standalone_top1']):
+      lines.append(f'| seed {seed} | ' + ' | '.join(f'{100 * r[k]:.2f}' for k in COST_VARIANTS)
+                   + ' |')
+    lines.append(f'| cost (points) | vital {100 * cost["decoy_cost_top1_vital"]:.2f} | '
+                 f'non-vital {100 * cost["decoy_cost_top1_nonvital"]:.2f} | '
+                 f'all {100 * cost["decoy_cost_top1"]:.2f} |')
   lines += ['', 'Searched architectures:'] + [
       f'  seed {s}: ' + ' '.join(r['ops'][n] for n in space.searchable_names)
       for s, r in enumerate(results)]
@@ -186,7 +246,8 @@ def main(argv=None):
       'standalone': alone,
       'decoys': list(twinned), 'seeds': args.seeds, 'train_seeds': args.train_seeds,
       'dataset': setup.dataset, 'space': space.name,
-      'architectures': [[r['ops'][n] for n in space.searchable_names] for r in results],
+      **cost,
+      'architectures': architectures,
       'search_wall_s': [searched[METHOD, s]['wall_s'] for s in range(args.seeds)],
       'wall_s': time.time() - started,
   }

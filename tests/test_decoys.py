@@ -138,7 +138,8 @@ def _benchmark():
 
 
 KEYS = ('decoy_pick_rate', 'decoy_pick_rate_vital', 'decoy_pick_rate_nonvital', 'decoy_mass',
-        'all_real_top1', 'all_decoy_top1', 'layers_counted', 'architectures', 'search_wall_s')
+        'all_real_top1', 'all_decoy_top1', 'layers_counted', 'architectures', 'search_wall_s',
+        'decoy_cost_top1', 'decoy_cost_top1_vital', 'decoy_cost_top1_nonvital')
 
 
 def test_benchmark_tiny_run_prints_the_json_keys_and_resumes(tmp_path, monkeypatch, capsys):
@@ -155,10 +156,25 @@ def test_benchmark_tiny_run_prints_the_json_keys_and_resumes(tmp_path, monkeypat
   assert len(last['architectures']) == 1
   counted = last['layers_counted_vital'] + last['layers_counted_nonvital']
   assert last['layers_counted'] == counted <= 5
+  # The cost splits into the vital layers' decoys and the others'.
+  (row,) = last['decoy_cost_standalone_top1']
+  assert last['decoy_cost_top1_vital'] == pytest.approx(row['vital_real'] - row['searched'])
+  assert last['decoy_cost_top1'] == pytest.approx(
+      last['decoy_cost_top1_vital'] + last['decoy_cost_top1_nonvital'])
   # A rerun reuses the finished searches and trainings.
   again = benchmark.main(args)
   assert again['search_wall_s'] == first['search_wall_s']
   assert again['all_decoy_top1'] == first['all_decoy_top1']
+
+
+def test_cost_variants_make_the_decoys_real_by_stage():
+  space = decoys.with_decoys(toy_space(RES), ('k3e3',))
+  ops = ('k3e3_decoy', 'k3e3', 'k3e1', 'k3e3_decoy', 'skip')
+  variants = _benchmark().cost_variants(space, ops, {'layer2_1', 'layer3_1'})
+  assert variants == {'searched': ops,
+                      # layer3_1 is vital: its decoy is made real; layer1_1's is not.
+                      'vital_real': ('k3e3_decoy', 'k3e3', 'k3e1', 'k3e3', 'skip'),
+                      'all_real': ('k3e3', 'k3e3', 'k3e1', 'k3e3', 'skip')}
 
 
 def test_pick_rate_counts_only_layers_on_a_twin_pair():
