@@ -160,7 +160,8 @@ def cost_variants(space, ops, vital_layers) -> dict[str, tuple[str, ...]]:
 
 def decoy_costs(setup, architectures, vital_layers, train_seeds, out, workers):
   """decoy_cost_top1 (overall, _vital, _nonvital): the mean over searches of the stand-alone
-  top-1 points each search's decoys cost it, with the per-search figures and top-1s."""
+  top-1 points each search's decoys cost it, with its standard error (_se; NaN for one
+  search), the per-search figures and top-1s."""
   from hournas_jax import population  # pylint: disable=g-import-not-at-top
   variants = [cost_variants(setup.space, ops, vital_layers) for ops in architectures]
   members = [population.Member(v[kind], s, kind) for v in variants for kind in COST_VARIANTS
@@ -174,6 +175,8 @@ def decoy_costs(setup, architectures, vital_layers, train_seeds, out, workers):
            'decoy_cost_top1_vital': [r['vital_real'] - r['searched'] for r in per_search],
            'decoy_cost_top1_nonvital': [r['all_real'] - r['vital_real'] for r in per_search]}
   summary = {key: float(np.mean(v)) for key, v in costs.items()}
+  summary.update({f'{key}_se': (float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1
+                                else math.nan) for key, v in costs.items()})
   summary.update({f'{key}_per_search': v for key, v in costs.items()})
   summary['decoy_cost_standalone_top1'] = per_search
   return summary
@@ -233,9 +236,10 @@ def main(argv=None):
     for seed, r in enumerate(cost['decoy_cost_standalone_top1']):
       lines.append(f'| seed {seed} | ' + ' | '.join(f'{100 * r[k]:.2f}' for k in COST_VARIANTS)
                    + ' |')
-    lines.append(f'| cost (points) | vital {100 * cost["decoy_cost_top1_vital"]:.2f} | '
-                 f'non-vital {100 * cost["decoy_cost_top1_nonvital"]:.2f} | '
-                 f'all {100 * cost["decoy_cost_top1"]:.2f} |')
+    lines += ['', 'Top-1 points the decoys cost, mean over searches (standard error): ' + ', '.join(
+        f'{stage} {100 * cost["decoy_cost_top1" + suffix]:.2f} '
+        f'({100 * cost["decoy_cost_top1" + suffix + "_se"]:.2f})'
+        for stage, suffix in (('vital', '_vital'), ('non-vital', '_nonvital'), ('all', '')))]
   lines += ['', 'Searched architectures:'] + [
       f'  seed {s}: ' + ' '.join(r['ops'][n] for n in space.searchable_names)
       for s, r in enumerate(results)]

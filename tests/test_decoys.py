@@ -139,7 +139,8 @@ def _benchmark():
 
 KEYS = ('decoy_pick_rate', 'decoy_pick_rate_vital', 'decoy_pick_rate_nonvital', 'decoy_mass',
         'all_real_top1', 'all_decoy_top1', 'layers_counted', 'architectures', 'search_wall_s',
-        'decoy_cost_top1', 'decoy_cost_top1_vital', 'decoy_cost_top1_nonvital')
+        'decoy_cost_top1', 'decoy_cost_top1_vital', 'decoy_cost_top1_nonvital',
+        'decoy_cost_top1_vital_se')
 
 
 def test_benchmark_tiny_run_prints_the_json_keys_and_resumes(tmp_path, monkeypatch, capsys):
