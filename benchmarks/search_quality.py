@@ -80,6 +80,12 @@ VARIANTS = {
     # The SuperNet recipe that ranked best in benchmarks/supernet_ranking.py, with that choice.
     'sandwich_inherited': lambda s: (s.__setitem__('weight_sampling', 'sandwich'),
                                      s.__setitem__('final_selection', 'inherited')),
+    # The recipe that learnt in benchmarks/decoys.py (README, "Decoys: the score function with
+    # an architecture step every iteration"): that SuperNet and choice, the score-function
+    # gradient with an architecture step after every weight step, the proposals' entropy term.
+    'sandwich_reinforce': lambda s: s.update(dict(
+        weight_sampling='sandwich', final_selection='inherited', arch_gradient='reinforce',
+        val_every=1, proposal_entropy=0.01)),
 }
 # The control, run with as many seeds as HourNAS: no architecture step at all and the result
 # read off the distribution's mode, so nothing the SuperNet learnt reaches it: it is what the

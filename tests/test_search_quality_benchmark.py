@@ -52,3 +52,12 @@ def test_the_uniform_row_keeps_the_best_one_op_network():
   assert u['architecture'] == 'k3e1' and u['top1'] == 0.85
   assert u['tried'] == {'k3e3': 0.8, 'k3e1': 0.85} and u['percentile'] == 75.0
   assert search_quality.uniform_summary([], {}, [0.7])['top1'] is None
+
+
+@pytest.mark.parametrize('name', sorted(search_quality.VARIANTS))
+def test_every_variant_is_a_valid_search_config(name):
+  from configs import search_quality as config_lib  # pylint: disable=g-import-not-at-top
+  from hournas_jax import search  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config()
+  search_quality.VARIANTS[name](config.search)
+  search.check_config(config.search)
