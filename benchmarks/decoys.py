@@ -241,8 +241,7 @@ def main(argv=None):
         f'({100 * cost["decoy_cost_top1" + suffix + "_se"]:.2f})'
         for stage, suffix in (('vital', '_vital'), ('non-vital', '_nonvital'), ('all', '')))]
   lines += ['', 'Searched architectures:'] + [
-      f'  seed {s}: ' + ' '.join(r['ops'][n] for n in space.searchable_names)
-      for s, r in enumerate(results)]
+      f'  seed {s}: ' + ' '.join(ops) for s, ops in enumerate(architectures)]
   report = {
       **rates,
       'all_real_top1': {k: v['real'] for k, v in alone.items()},

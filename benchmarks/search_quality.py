@@ -80,8 +80,8 @@ VARIANTS = {
     # The SuperNet recipe that ranked best in benchmarks/supernet_ranking.py, with that choice.
     'sandwich_inherited': lambda s: (s.__setitem__('weight_sampling', 'sandwich'),
                                      s.__setitem__('final_selection', 'inherited')),
-    # The recipe that learnt in benchmarks/decoys.py (README, "Decoys: the score function with
-    # an architecture step every iteration"): that SuperNet and choice, the score-function
+    # The recipe that learnt in benchmarks/decoys.py (README, "What the decoys cost, and a
+    # recipe that learns"): that SuperNet and choice, the score-function
     # gradient with an architecture step after every weight step, the proposals' entropy term.
     'sandwich_reinforce': lambda s: s.update(dict(
         weight_sampling='sandwich', final_selection='inherited', arch_gradient='reinforce',
