@@ -3,9 +3,12 @@
     python benchmarks/decoys.py [--out DIR] [--decoys k3e3,k5e3] [--seeds 5] ...
 
 The space gets a decoy twin of each op of --decoys (hournas_jax/decoys.py): the same params and
-FLOPs, its conv kernels frozen at their random initial values. The cost model, the space
-proposals and the resource term cannot tell twins apart, so where a searched layer ends on one
-of a pair, a search that does not learn from the data takes the decoy half the time.
+FLOPs, its conv kernels frozen at their random initial values; with --decoy-kind
+frozen_no_shortcut also without the real op's shortcut, so that where a layer keeps its shape
+the twin cannot act as a skip (a frozen twin can, and there costs what a skip costs). The cost
+model, the space proposals and the resource term cannot tell twins apart, so where a searched
+layer ends on one of a pair, a search that does not learn from the data takes the decoy half
+the time.
 
 It runs the HourNAS search of the config (default: the search-quality task) with --seeds seeds,
 each in its own workdir <out>/searches/decoys/seed<k> (reused when finished), and reports:
@@ -49,6 +52,8 @@ def parse_args(argv=None):
                  help='base config (task, space, search and retraining recipe)')
   p.add_argument('--decoys', default='k3e3,k5e3',
                  help='real ops that get a decoy twin, comma-separated (config.decoys)')
+  p.add_argument('--decoy-kind', default='frozen',
+                 help='the flavour of twin (config.decoy_kind): frozen | frozen_no_shortcut')
   p.add_argument('--dataset', default='', help='override config.dataset')
   p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
   p.add_argument('--seeds', type=int, default=5, help='searches')
@@ -84,6 +89,7 @@ def load_config(args):
   """The search-quality benchmark's config loading, with the decoys and --tiny's sizes."""
   config = search_quality.load_config(args)
   config.decoys = args.decoys
+  config.decoy_kind = args.decoy_kind
   if args.tiny:
     config.search.vital_steps = config.search.nonvital_steps = 2
     config.search.proposal_iterations = 2
@@ -100,6 +106,7 @@ def pick_rates(space, searches, vital_layers):
   """
   from hournas_jax import decoys  # pylint: disable=g-import-not-at-top
   _, twinned = decoys.split(space.op_names)
+  twin_of = lambda real: decoys.twin_name(real, decoys.flavour_of(space.op_names))
   picks = {'vital': [], 'nonvital': []}
   masses = {'vital': [], 'nonvital': []}
   for result in searches:
@@ -111,9 +118,9 @@ def pick_rates(space, searches, vital_layers):
       stage = 'vital' if layer in vital_layers else 'nonvital'
       picks[stage].append(float(op != real))
       p = probabilities.get(layer, {})
-      pair = p.get(real, 0.0) + p.get(decoys.twin_name(real), 0.0)
+      pair = p.get(real, 0.0) + p.get(twin_of(real), 0.0)
       if pair > 0:
-        masses[stage].append(p[decoys.twin_name(real)] / pair)
+        masses[stage].append(p[twin_of(real)] / pair)
   mean = lambda v: float(np.mean(v)) if v else math.nan
   out = {'decoy_pick_rate': mean(picks['vital'] + picks['nonvital']),
          'decoy_mass': mean(masses['vital'] + masses['nonvital']),
@@ -130,8 +137,9 @@ def standalone(setup, twinned, train_seeds, out, workers):
   searchable layer at the real op against every layer at its decoy."""
   from hournas_jax import decoys, population  # pylint: disable=g-import-not-at-top
   layers = len(setup.space.searchable_names)
+  flavour = decoys.flavour_of(setup.space.op_names)
   members = [population.Member((op,) * layers, s, kind) for real in twinned
-             for kind, op in (('real', real), ('decoy', decoys.twin_name(real)))
+             for kind, op in (('real', real), ('decoy', decoys.twin_name(real, flavour)))
              for s in range(train_seeds)]
   records = population.train_population(setup, members, os.path.join(out, 'population'),
                                         workers=workers, log_prefix='[stand-alone]')
@@ -215,8 +223,8 @@ def main(argv=None):
   cost = (decoy_costs(setup, architectures, vital_layers, args.train_seeds, out, workers)
           if args.decoy_cost else {})
 
-  lines = [f'Decoys on {setup.dataset} ({space.name}, twins of {", ".join(twinned)}), '
-           f'{args.seeds} searches; chance is 0.50.', '',
+  lines = [f'Decoys on {setup.dataset} ({space.name}, {args.decoy_kind} twins of '
+           f'{", ".join(twinned)}), {args.seeds} searches; chance is 0.50.', '',
            '| stage | layers counted | decoy pick rate | decoy probability mass |',
            '|---|---|---|---|']
   for stage, suffix in (('vital', '_vital'), ('non-vital', '_nonvital'), ('all', '')):
@@ -247,7 +255,8 @@ def main(argv=None):
       'all_real_top1': {k: v['real'] for k, v in alone.items()},
       'all_decoy_top1': {k: v['decoy'] for k, v in alone.items()},
       'standalone': alone,
-      'decoys': list(twinned), 'seeds': args.seeds, 'train_seeds': args.train_seeds,
+      'decoys': list(twinned), 'decoy_kind': args.decoy_kind, 'seeds': args.seeds,
+      'train_seeds': args.train_seeds,
       'dataset': setup.dataset, 'space': space.name,
       **cost,
       'architectures': architectures,

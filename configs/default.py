@@ -18,6 +18,8 @@ Schema (every field, with its meaning):
   decoys                real ops to give a decoy twin, comma-separated ('' = none): same
                         params and FLOPs, kernels frozen at their random initial values
                         (hournas_jax/decoys.py; benchmarks/decoys.py tests that a search learns).
+  decoy_kind            frozen (the twin keeps the real op's shortcut, so where a layer keeps
+                        its shape it can act as a skip) | frozen_no_shortcut (it cannot).
   dataset, data_dir     imagenet2012 | cifar10 | digits | cluttered_digits | the name of any
                         TFDS image classification dataset (mnist, tf_flowers, ...), with its
                         TFDS data_dir ('' = TFDS default) | folder, with data_dir = a directory
@@ -219,6 +221,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.width = 1.0
   config.ops = ''              # comma-separated subset of the space's candidate ops ('' = all)
   config.decoys = ''           # real ops that get an equal-cost twin that cannot learn ('' = none)
+  config.decoy_kind = 'frozen'  # or 'frozen_no_shortcut' (hournas_jax/decoys.py, FLAVOURS)
   config.stem_stride = 2       # 1 keeps small inputs at full resolution through the first stage
 
   config.dataset = 'imagenet2012'

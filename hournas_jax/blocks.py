@@ -209,9 +209,10 @@ class SepConv(nn.Module):
 class InvertedResidual(nn.Module):
   """1x1 expansion (grouped + shuffle for g2), k x k depthwise, optional SE, 1x1 projection.
 
-  The residual is added when the block keeps its input's shape. frozen_kernels: every conv
-  kernel stays at its random initial value (BatchNorms and SE biases still train): a decoy twin
-  of the op (`decoys.py`), which costs what the op costs but cannot learn features.
+  The residual is added when the block keeps its input's shape and `shortcut` is set.
+  frozen_kernels: every conv kernel stays at its random initial value (BatchNorms and SE biases
+  still train): a decoy twin of the op (`decoys.py`), which costs what the op costs but cannot
+  learn features; shortcut=False makes the twin that cannot fall back to the identity.
   """
   in_channels: int
   out_channels: int
@@ -223,6 +224,7 @@ class InvertedResidual(nn.Module):
   act: str
   dtype: Any = None
   frozen_kernels: bool = False
+  shortcut: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = True, kernels=None):
@@ -252,7 +254,7 @@ class InvertedResidual(nn.Module):
       s = jnp.mean(h, axis=(1, 2), keepdims=True)
       s = act(_conv(self.se_channels, 1, bias=True, frozen=frozen)(s))
       h = h * nn.sigmoid(_conv(mid, 1, bias=True, frozen=frozen)(s))
-    residual = self.stride == 1 and self.in_channels == self.out_channels
+    residual = self.shortcut and self.stride == 1 and self.in_channels == self.out_channels
     h = _bn(train, dtype=self.dtype, zero_scale=residual and ZERO_INIT_RESIDUAL)(project(h))
     return h + x if residual else h
 

@@ -128,6 +128,14 @@ def _ir_decoy_args(space, layer, op, dropout_rate):
   return {**_ir_args(space, layer, op, dropout_rate), 'frozen_kernels': True}
 
 
+# ----- ir_decoy_noshortcut: the same without the shortcut, so in a layer that keeps its shape it
+# cannot act as a skip; the cost model does not count the shortcut's addition, so it still costs
+# exactly what 'ir' costs.
+
+def _ir_decoy_noshortcut_args(space, layer, op, dropout_rate):
+  return {**_ir_decoy_args(space, layer, op, dropout_rate), 'shortcut': False}
+
+
 KINDS = {
     'skip': OpKind(_skip_cost, 'Skip', _skip_args, shortcut=lambda layer: True),
     'conv': OpKind(_conv_cost, 'ConvBN', _conv_args),
@@ -139,6 +147,7 @@ KINDS = {
                  shares_kernels=lambda op: op.groups == 1),
     'ir_decoy': OpKind(_ir_cost, 'InvertedResidual', _ir_decoy_args,
                        shortcut=lambda layer: layer.keeps_shape),
+    'ir_decoy_noshortcut': OpKind(_ir_cost, 'InvertedResidual', _ir_decoy_noshortcut_args),
 }
 
 

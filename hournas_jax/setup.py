@@ -177,7 +177,7 @@ def resolve_setup(config, workdir: str) -> Setup:
   space = spaces.get_space(config.space, resolution=image_size,
                            num_classes=int(info['num_classes']), width=config.width, ops=ops,
                            stem_stride=config.stem_stride, in_channels=channels)
-  space = decoys.with_decoys(space, decoys.parse(config.decoys))
+  space = decoys.with_decoys(space, decoys.parse(config.decoys), config.decoy_kind)
   return Setup(config=config, workdir=workdir, dataset=config.dataset, data_dir=data_dir,
                image_size=image_size, channels=channels, num_classes=int(info['num_classes']),
                space=space, mesh=mesh_lib.make_mesh(), data_options=options)

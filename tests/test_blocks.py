@@ -181,16 +181,18 @@ def test_recalibrated_statistics_are_the_average_batch_statistics():
 
 
 def test_every_op_kind_builds_the_module_it_names():
-  space = decoys.with_decoys(spaces.get_space('mnasnet', resolution=32, num_classes=10,
-                                             width=0.25), ('k3e3',))
   built = set()
-  for layer in space.layers:
-    for op_name in layer.ops:
-      op = space.ops[op_name]
-      module = blocks.MODULES[op_kinds.kind(op).module]
-      assert type(blocks.make_block(space, layer, op_name, name='b')) is module, op_name
-      built.add(op.kind)
-  assert built == set(op_kinds.KINDS)  # mnasnet with a decoy has a candidate of every kind
+  # mnasnet with a decoy of each flavour has a candidate of every kind.
+  for flavour in decoys.FLAVOURS:
+    space = decoys.with_decoys(spaces.get_space('mnasnet', resolution=32, num_classes=10,
+                                               width=0.25), ('k3e3',), flavour)
+    for layer in space.layers:
+      for op_name in layer.ops:
+        op = space.ops[op_name]
+        module = blocks.MODULES[op_kinds.kind(op).module]
+        assert type(blocks.make_block(space, layer, op_name, name='b')) is module, op_name
+        built.add(op.kind)
+  assert built == set(op_kinds.KINDS)
 
 
 def test_op_kinds_is_data_that_never_imports_blocks():

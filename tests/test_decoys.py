@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hournas_jax import costs, decoys, engines, errors, spaces, supernet, train
+from hournas_jax import blocks, costs, decoys, engines, errors, spaces, supernet, train
 from hournas_jax.engines import single_path
 from spaces_for_tests import TOY_TABLE, tiny_config, toy_space
 
@@ -38,25 +38,66 @@ def test_twins_sit_beside_their_real_ops():
   assert decoys.with_decoys(toy_space(RES), ()) == toy_space(RES)
 
 
-def test_a_twin_costs_exactly_its_real_op():
-  tables = costs.cost_tables(SPACE)
+def test_each_flavour_of_twin_has_its_own_name_and_rebuilds_from_it():
+  space = decoys.with_decoys(toy_space(RES), ('k3e3',), 'frozen_no_shortcut')
+  assert space.op_names == ('k3e1', 'k3e3', 'k3e3_decoy_noshortcut', 'skip')
+  assert decoys.split(space.op_names) == (('k3e1', 'k3e3', 'skip'), ('k3e3',))
+  assert decoys.flavour_of(space.op_names) == 'frozen_no_shortcut'
+  assert decoys.flavour_of(SPACE.op_names) == decoys.flavour_of(('k3e3',)) == 'frozen'
+  assert decoys.real_of('k3e3_decoy_noshortcut') == decoys.real_of('k3e3_decoy') == 'k3e3'
+  assert decoys.is_decoy(space, 'k3e3_decoy_noshortcut') and not decoys.is_decoy(space, 'k3e3')
+  with pytest.raises(spaces.SpaceError, match='decoy_kind must be one of frozen, '
+                     'frozen_no_shortcut; got'):
+    decoys.with_decoys(toy_space(RES), ('k3e3',), 'noisy')
+
+
+@pytest.mark.parametrize('flavour', sorted(decoys.FLAVOURS))
+def test_a_twin_costs_exactly_its_real_op(flavour):
+  space = decoys.with_decoys(toy_space(RES), ('k3e1', 'k3e3'), flavour)
+  tables = costs.cost_tables(space)
   plain = costs.cost_tables(toy_space(RES))
   for real in ('k3e1', 'k3e3'):
-    r, d = SPACE.op_names.index(real), SPACE.op_names.index(decoys.twin_name(real))
+    twin = decoys.twin_name(real, flavour)
+    r, d = space.op_names.index(real), space.op_names.index(twin)
     np.testing.assert_array_equal(tables.params[:, d], tables.params[:, r])
     np.testing.assert_array_equal(tables.flops[:, d], tables.flops[:, r])
     np.testing.assert_array_equal(tables.mask[:, d], tables.mask[:, r])
     np.testing.assert_array_equal(tables.params[:, r], plain.params[:, plain.op_names.index(real)])
     # The built networks: every layer at the real op, and every layer at its decoy.
     nets = {}
-    for op in (real, decoys.twin_name(real)):
-      ops = [op] * len(SPACE.searchable_names)
-      net = supernet.SuperNet(SPACE, supernet.fixed_layer_ops(SPACE, ops))
+    for op in (real, twin):
+      ops = [op] * len(space.searchable_names)
+      net = supernet.SuperNet(space, supernet.fixed_layer_ops(space, ops))
       nets[op] = net.variable_shapes((RES, RES, 3))
       assert _num_params(nets[op]['params']) == tables.cost(
-          [SPACE.op_names.index(op)] * len(ops))[0]
+          [space.op_names.index(op)] * len(ops))[0]
     shapes = lambda v: [x.shape for x in jax.tree_util.tree_leaves(v)]
-    assert shapes(nets[real]) == shapes(nets[decoys.twin_name(real)])
+    assert shapes(nets[real]) == shapes(nets[twin])
+
+
+def test_only_the_no_shortcut_twin_cannot_act_as_a_skip():
+  """In a layer that keeps its shape, with its branch switched off (every BatchNorm scale and
+  bias 0), a frozen twin passes its input on as a skip would; the no-shortcut twin outputs 0."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, RES, RES, 8)), jnp.float32)
+  outputs = {}
+  for flavour in decoys.FLAVOURS:
+    space = decoys.with_decoys(toy_space(RES), ('k3e3',), flavour)
+    layer = next(l for l in space.searchable_layers if l.keeps_shape)
+    twin = decoys.twin_name('k3e3', flavour)
+    block = blocks.make_block(space, layer, twin)
+    x_layer = x[..., :layer.in_channels]
+    variables = block.init(jax.random.PRNGKey(0), x_layer, train=False)
+    off = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if jax.tree_util.keystr(p).endswith(
+            ("['scale']", "['bias']")) and v.ndim == 1 else v, variables)
+    outputs[flavour] = (np.asarray(block.apply(off, x_layer, train=False)), x_layer,
+                        blocks.has_shortcut(space, layer, twin))
+  y, x_layer, shortcut = outputs['frozen']
+  np.testing.assert_allclose(y, x_layer, atol=1e-6)
+  assert shortcut
+  y, _, shortcut = outputs['frozen_no_shortcut']
+  np.testing.assert_allclose(y, 0.0, atol=1e-6)
+  assert not shortcut
 
 
 def test_decoys_keep_their_own_weights_under_weight_sharing():
@@ -117,13 +158,17 @@ def test_a_bad_decoy_name_is_one_line_naming_the_allowed_ops(tmp_path, monkeypat
     assert message.startswith('decoys must name') and '(k3e1, k3e3)' in message, message
 
 
-def test_an_all_decoy_network_trains_and_evaluates(tmp_path, monkeypatch):
-  """`train.arch` may name a decoy; eval mode rebuilds the space with its twins."""
+@pytest.mark.parametrize('flavour', sorted(decoys.FLAVOURS))
+def test_an_all_decoy_network_trains_and_evaluates(tmp_path, monkeypatch, flavour):
+  """`train.arch` may name a decoy; eval mode rebuilds the space with its twins, of the
+  flavour the trained network's names say."""
   monkeypatch.setitem(spaces.SPACE_TABLES, 'toy', TOY_TABLE)
   workdir = str(tmp_path / 'run')
+  twin = decoys.twin_name('k3e3', flavour)
   trained = train.train_and_evaluate(
-      tiny_config(mode='train', decoys='k3e3', **{'train.arch': 'k3e3_decoy'}), workdir)
-  assert trained['train']['ops'] == ['k3e3_decoy'] * 5
+      tiny_config(mode='train', decoys='k3e3', decoy_kind=flavour, **{'train.arch': twin}),
+      workdir)
+  assert trained['train']['ops'] == [twin] * 5
   evaluated = train.train_and_evaluate(tiny_config(mode='eval', decoys='k3e3'), workdir)
   assert evaluated['train']['ops'] == trained['train']['ops']
   assert evaluated['train']['top1'] == trained['train']['top1']
