@@ -168,6 +168,13 @@ def run(setup: setup_lib.Setup) -> dict:
       state = _restore_search(searcher, ckpt, latest, setup.mesh)
       logging_utils.info(f'[search] resuming from the checkpoint of step {latest} (stage '
                          f'{state.stage}) in {directory}')
+    if state.stage != 'done' and searcher.weight_sampling != 'distribution':
+      # The two losses of the progress lines then come from different paths; a user comparing
+      # them would otherwise take the gap for a broken search.
+      logging_utils.info(
+          f'[search] weight steps train {searcher.weight_sampling} paths, not the sampled one: '
+          '`loss` and `acc` are theirs; `val loss` is the architecture step\'s path, drawn from '
+          'the distribution, and stays higher while it still gives poor ops weight')
     if state.stage != 'done':
       state = _search_loop(setup, searcher, state, ckpt, directory, latest)
     ckpt.wait()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from hournas_jax import costs, engines, search, supernet, weight_sampling
+from hournas_jax import costs, engines, search, spaces, supernet, train, weight_sampling
 from hournas_jax.engines import single_path
-from spaces_for_tests import toy_space
+from spaces_for_tests import TOY_TABLE, tiny_config, toy_space
 
 SPACE = toy_space(16)
 # Layers allowing 4, 2, 3 and 1 of 4 ops.
@@ -177,3 +177,17 @@ def test_engines_without_multi_path_steps_say_so():
   engine = engines.ENGINES['switch'](SPACE, supernet.layer_ops(SPACE))
   with pytest.raises(NotImplementedError, match='single_path'):
     engine.train_paths({}, _data(), [], 0.1)
+
+
+@pytest.mark.parametrize('recipe', ['sandwich', 'distribution'])
+def test_the_search_says_whose_losses_the_progress_lines_show(recipe, tmp_path, monkeypatch,
+                                                              capsys):
+  """Under a multi-path recipe `loss` and `val loss` come from different paths; the search says
+  so once, and only then."""
+  monkeypatch.setitem(spaces.SPACE_TABLES, 'toy', TOY_TABLE)
+  config = tiny_config(mode='search', retrain_after_search=False,
+                       **{'search.weight_sampling': recipe})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  said = [l for l in capsys.readouterr().out.splitlines() if 'not the sampled one' in l]
+  assert len(said) == (recipe != 'distribution')
+  assert all(l.startswith('[search] weight steps train sandwich paths') for l in said)
