@@ -19,7 +19,6 @@ import dataclasses
 from hournas_jax import spaces
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Flavour:
   """One flavour of twin: the suffix of its name, and its op kind by the kind of its real op
