@@ -16,12 +16,25 @@ What is scaled down from the paper, and why:
   leave their initial values within those few steps;
 - retraining: 40 epochs of the 1437 training digits with FBNet's recipe (SGD momentum 0.9,
   cosine, label smoothing 0.1, weight decay 4e-5) at 0.4 x batch/256.
+
+The search uses the paper's recipe; `--config=configs/quickstart.py:learned` uses the one that
+learns in the decoy test (configs/default.py, use_learning_recipe; the default of
+configs/search_quality.py), at about 2.5x the search time (README, Search quality).
 """
 
 from configs import default as default_lib
 
 
-def get_config():
+VARIANTS = ('paper', 'learned')
+
+
+def get_config(variant: str = 'paper'):
+  """variant: 'paper', the paper's search recipe (configs/default.py), or 'learned', the
+  recipe that learns in the decoy test (`default_lib.use_learning_recipe`; about 2.5x the
+  search time): `--config=configs/quickstart.py:learned`."""
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown quickstart variant {variant!r}; choose one of '
+                     f'{", ".join(VARIANTS)}')
   config = default_lib.get_config()
   config.space = 'fbnet_shallow'
   config.width = 0.25
@@ -42,6 +55,8 @@ def get_config():
   s.arch_lr = 0.1
   s.weight_sharing = 'nested'  # as configs/search_quality.py, where the benchmark chose them
   s.vital_init = 'targets'
+  if variant == 'learned':
+    default_lib.use_learning_recipe(s)
 
   config.retrain_after_search = True
   config.random_baseline = True

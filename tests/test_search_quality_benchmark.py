@@ -54,10 +54,15 @@ def test_the_uniform_row_keeps_the_best_one_op_network():
   assert search_quality.uniform_summary([], {}, [0.7])['top1'] is None
 
 
-@pytest.mark.parametrize('name', sorted(search_quality.VARIANTS))
-def test_every_variant_is_a_valid_search_config(name):
+METHOD_CHANGES = {**search_quality.ABLATIONS, **search_quality.VARIANTS,
+                  **search_quality.CONTROLS}
+
+
+@pytest.mark.parametrize('name', sorted(METHOD_CHANGES))
+def test_every_method_is_a_valid_search_config(name):
+  """Each ablation, variant and control, applied to the benchmark's config."""
   from configs import search_quality as config_lib  # pylint: disable=g-import-not-at-top
   from hournas_jax import search  # pylint: disable=g-import-not-at-top
   config = config_lib.get_config()
-  search_quality.VARIANTS[name](config.search)
+  METHOD_CHANGES[name](config.search)
   search.check_config(config.search)

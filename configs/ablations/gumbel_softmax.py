@@ -24,3 +24,10 @@ def get_config():
 def ablate(s):
   """Turns the search config `s` (config.search) into its Gumbel-softmax ablation."""
   s.sampler = 'gumbel_softmax'
+  # Every candidate runs in every step, weighted by the relaxed sample: there is no sampled path
+  # for a score-function gradient, another recipe's paths or a choice by one path's inherited
+  # accuracy to work on, so a base config that uses them (configs/search_quality.py) gets the
+  # relaxation's own.
+  s.arch_gradient = 'straight_through'
+  s.weight_sampling = 'distribution'
+  s.final_selection = 'mode'
