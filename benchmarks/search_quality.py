@@ -86,12 +86,8 @@ VARIANTS = {
     # The recipe that learnt in benchmarks/decoys.py (configs/default.py, use_learning_recipe),
     # the default of configs/search_quality.py: for other base configs.
     'sandwich_reinforce': default_config.use_learning_recipe,
-    # The paper's recipe (configs/default.py's): weight steps on the path sampled from the
-    # distribution, straight-through architecture gradients at the D_tr/D_val split's cadence,
-    # proposals fitted to the targets alone, the result read off the mode.
-    'paper_recipe': lambda s: s.update(dict(
-        weight_sampling='distribution', final_selection='mode',
-        arch_gradient='straight_through', val_every=0, proposal_entropy=0.0)),
+    # The paper's recipe (configs/default.py's), for base configs that use the other.
+    'paper_recipe': default_config.use_paper_recipe,
 }
 # The control, run with as many seeds as HourNAS: no architecture step at all and the result
 # read off the distribution's mode, so nothing the SuperNet learnt reaches it: it is what the

@@ -270,10 +270,14 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
+# The fields in which the recipe that learns in the decoy test differs from the paper's
+# (README, "What the decoys cost, and a recipe that learns"), and its values of them.
+LEARNING_RECIPE = {'weight_sampling': 'sandwich', 'arch_gradient': 'reinforce', 'val_every': 1,
+                   'proposal_entropy': 0.01, 'final_selection': 'inherited'}
+
+
 def use_learning_recipe(s: ml_collections.ConfigDict) -> None:
-  """Sets the search config `s` (config.search) to the recipe that learns in the decoy test
-  (README, "What the decoys cost, and a recipe that learns"); the paper's recipe is the
-  default above.
+  """Sets the search config `s` (config.search) to the recipe that learns in the decoy test.
 
   A SuperNet trained by the sandwich rule, so that paths through good ops train well enough to
   differ from the others; the score-function gradient, which reads that difference from the
@@ -283,8 +287,25 @@ def use_learning_recipe(s: ml_collections.ConfigDict) -> None:
   inherited accuracy among the distribution's most probable ones. A weight step trains 4 paths,
   so the search takes about 2.5x the paper recipe's time.
   """
-  s.weight_sampling = 'sandwich'
-  s.arch_gradient = 'reinforce'
-  s.val_every = 1
-  s.proposal_entropy = 0.01
-  s.final_selection = 'inherited'
+  s.update(LEARNING_RECIPE)
+
+
+def use_paper_recipe(s: ml_collections.ConfigDict) -> None:
+  """Sets the fields of `LEARNING_RECIPE` in the search config `s` back to the paper's
+  (`get_search_config`'s): the path sampled from the distribution trains, straight-through
+  architecture gradients at the D_tr/D_val split's cadence, proposals fitted to the targets
+  alone, the result read off the mode."""
+  paper = get_search_config()
+  s.update({k: paper[k] for k in LEARNING_RECIPE})
+
+
+SEARCH_RECIPES = {'paper': use_paper_recipe, 'learned': use_learning_recipe}
+
+
+def use_search_recipe(s: ml_collections.ConfigDict, recipe: str, config_name: str) -> None:
+  """Sets the search config `s` to the recipe a config file's variant names (`SEARCH_RECIPES`);
+  config_name: that file's, for the message when the name is unknown."""
+  if recipe not in SEARCH_RECIPES:
+    raise ValueError(f'unknown {config_name} variant {recipe!r}; choose one of '
+                     f'{", ".join(SEARCH_RECIPES)}')
+  SEARCH_RECIPES[recipe](s)

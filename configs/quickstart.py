@@ -25,16 +25,10 @@ configs/search_quality.py), at about 2.5x the search time (README, Search qualit
 from configs import default as default_lib
 
 
-VARIANTS = ('paper', 'learned')
-
-
 def get_config(variant: str = 'paper'):
-  """variant: 'paper', the paper's search recipe (configs/default.py), or 'learned', the
-  recipe that learns in the decoy test (`default_lib.use_learning_recipe`; about 2.5x the
-  search time): `--config=configs/quickstart.py:learned`."""
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown quickstart variant {variant!r}; choose one of '
-                     f'{", ".join(VARIANTS)}')
+  """variant: 'paper', the paper's search recipe, or 'learned', the one that learns in the
+  decoy test (configs/default.py, use_learning_recipe; about 2.5x the search time):
+  `--config=configs/quickstart.py:learned`."""
   config = default_lib.get_config()
   config.space = 'fbnet_shallow'
   config.width = 0.25
@@ -55,8 +49,7 @@ def get_config(variant: str = 'paper'):
   s.arch_lr = 0.1
   s.weight_sharing = 'nested'  # as configs/search_quality.py, where the benchmark chose them
   s.vital_init = 'targets'
-  if variant == 'learned':
-    default_lib.use_learning_recipe(s)
+  default_lib.use_search_recipe(s, variant, 'quickstart')
 
   config.retrain_after_search = True
   config.random_baseline = True

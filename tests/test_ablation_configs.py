@@ -71,18 +71,20 @@ def test_main_parses_an_ablation_config_with_a_variant_and_overrides(tmp_path):
   assert lines[0].startswith('error: config.mode must be one of'), lines
 
 
-def test_quickstart_learned_differs_from_it_only_in_the_learning_recipe():
-  learned, paper = load('configs/quickstart.py:learned'), load('configs/quickstart.py')
-  assert load('configs/quickstart.py:paper').to_dict() == paper.to_dict()
+@pytest.mark.parametrize('name,default', [('quickstart', 'paper'),
+                                          ('search_quality', 'learned')])
+def test_the_learned_and_paper_variants_differ_only_in_the_learning_recipe(name, default):
+  learned, paper = load(f'configs/{name}.py:learned'), load(f'configs/{name}.py:paper')
+  assert load(f'configs/{name}.py').to_dict() == load(f'configs/{name}.py:{default}').to_dict()
   recipe = ('weight_sampling', 'arch_gradient', 'val_every', 'proposal_entropy',
             'final_selection')
   assert [learned.search[k] for k in recipe] == ['sandwich', 'reinforce', 1, 0.01, 'inherited']
   assert [paper.search[k] for k in recipe] == ['distribution', 'straight_through', 0, 0.0, 'mode']
-  # The benchmark task's config uses the same recipe.
-  assert all(load('configs/search_quality.py').search[k] == learned.search[k] for k in recipe)
+  for config in (learned, paper):
+    train.validate_config(config)
   for k in recipe:
     learned.search[k] = paper.search[k]
   assert learned.to_dict() == paper.to_dict()
-  train.validate_config(load('configs/quickstart.py:learned'))
-  with pytest.raises(ValueError, match="unknown quickstart variant 'fast'"):
-    load('configs/quickstart.py:fast')
+  with pytest.raises(ValueError, match=f"unknown {name} variant 'fast'; choose one of paper, "
+                     'learned'):
+    load(f'configs/{name}.py:fast')
