@@ -285,7 +285,7 @@ def use_learning_recipe(s: ml_collections.ConfigDict) -> None:
   step after every weight step, since it needs many samples; proposals kept from collapsing to
   one architecture, so that theta has rows left to move; the final architecture chosen by
   inherited accuracy among the distribution's most probable ones. A weight step trains 4 paths,
-  so the search takes about 2.5x the paper recipe's time.
+  so the search takes 1.5-2.5x the paper recipe's time (README, Search quality).
   """
   s.update(LEARNING_RECIPE)
 

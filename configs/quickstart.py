@@ -19,7 +19,7 @@ What is scaled down from the paper, and why:
 
 The search uses the paper's recipe; `--config=configs/quickstart.py:learned` uses the one that
 learns in the decoy test (configs/default.py, use_learning_recipe; the default of
-configs/search_quality.py), at about 2.5x the search time (README, Search quality).
+configs/search_quality.py), at 1.5x the search time here (README, Search quality).
 """
 
 from configs import default as default_lib
@@ -27,7 +27,7 @@ from configs import default as default_lib
 
 def get_config(variant: str = 'paper'):
   """variant: 'paper', the paper's search recipe, or 'learned', the one that learns in the
-  decoy test (configs/default.py, use_learning_recipe; about 2.5x the search time):
+  decoy test (configs/default.py, use_learning_recipe; 1.5x the search time here):
   `--config=configs/quickstart.py:learned`."""
   config = default_lib.get_config()
   config.space = 'fbnet_shallow'
