@@ -106,7 +106,8 @@ def pick_rates(space, searches, vital_layers):
   """
   from hournas_jax import decoys  # pylint: disable=g-import-not-at-top
   _, twinned = decoys.split(space.op_names)
-  twin_of = lambda real: decoys.twin_name(real, decoys.flavour_of(space.op_names))
+  flavour = decoys.flavour_of(space.op_names)
+  twin_of = lambda real: decoys.twin_name(real, flavour)
   picks = {'vital': [], 'nonvital': []}
   masses = {'vital': [], 'nonvital': []}
   for result in searches:
