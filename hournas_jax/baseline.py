@@ -59,10 +59,16 @@ def baseline_budget(space: spaces.SearchSpace, targets, ops: Sequence[str]) -> d
   return {'params': float(own[0]), 'flops': float(own[1])}
 
 
-def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str]) -> dict:
+def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str],
+                        retrained: Mapping | None = None) -> dict:
   """Trains the architecture and config.baseline.architectures random ones of its budget with
   config.baseline.seeds seeds each (population training, resumable in <workdir>/baseline) and
-  says where it falls among them and how that compares with the training noise."""
+  says where it falls among them and how that compares with the training noise.
+
+  retrained: the results of `ops` retrained with config.train and config.seed (retrain.run's,
+  with its wall_s). Where the comparison trains with that same recipe and seed, they stand for
+  that member instead of a second, identical training."""
+  full = setup
   setup = comparison_setup(setup)
   config, space = setup.config, setup.space
   b = config.baseline
@@ -70,10 +76,13 @@ def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str]) -> dict:
   random_archs = population.random_architectures(space, budget, int(b.architectures),
                                                  seed=int(config.seed))
   seeds = range(int(b.seeds))
+  directory = os.path.join(setup.workdir, 'baseline')
+  if retrained is not None and setup is full and int(config.seed) in seeds:
+    population.add_trained(setup, population.Member(tuple(ops), int(config.seed), 'searched'),
+                           retrained, directory)
   members = [population.Member(tuple(ops), s, 'searched') for s in seeds]
   members += [population.Member(a, s, 'random') for a in random_archs for s in seeds]
-  records = population.train_population(setup, members, os.path.join(setup.workdir,
-                                                                      'baseline'),
+  records = population.train_population(setup, members, directory,
                                         workers=population.default_workers(int(b.workers)),
                                         log_prefix='[baseline]')
   per_epoch = setup.steps_per_epoch('train', config.train.batch_size)

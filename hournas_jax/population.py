@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -142,19 +142,36 @@ def _describe(record: dict) -> str:
           f'{100 * record["top1"]:.2f}% ({record["wall_s"]:.0f} s) {",".join(record["ops"])}')
 
 
+def _record(setup: setup_lib.Setup, recipe: str, member: Member, result: Mapping) -> dict:
+  """The store's record of `member` trained with `recipe`: its costs and `result`'s figures
+  (top1, top5, loss, wall_s)."""
+  architecture = arch_lib.Architecture(setup.space.name, tuple(member.ops))
+  params, flops = costs.cost_tables(setup.space).cost(architecture.indices(setup.space))
+  return {'ops': list(member.ops), 'seed': int(member.seed), 'recipe': recipe,
+          'tag': member.tag, 'params': params, 'flops': flops,
+          **{k: result[k] for k in ('top1', 'top5', 'loss', 'wall_s')}}
+
+
 def _train_architecture(setup: setup_lib.Setup, recipe: str,
                         members: Sequence[Member]) -> list[dict]:
   """Records of the members of one architecture (its seeds share the compiled programs)."""
-  tables = costs.cost_tables(setup.space)
-  out = []
-  for member in members:
-    architecture = arch_lib.Architecture(setup.space.name, tuple(member.ops))
-    params, flops = tables.cost(architecture.indices(setup.space))
-    result = train_member(setup, member.ops, member.seed)
-    out.append({'ops': list(member.ops), 'seed': int(member.seed), 'recipe': recipe,
-                'tag': member.tag, 'params': params, 'flops': flops,
-                **{k: result[k] for k in ('top1', 'top5', 'loss', 'wall_s')}})
-  return out
+  return [_record(setup, recipe, member, train_member(setup, member.ops, member.seed))
+          for member in members]
+
+
+def add_trained(setup: setup_lib.Setup, member: Member, result: Mapping,
+                directory: str) -> bool:
+  """Stores `result`, the figures of a training of `member` done elsewhere with setup's recipe
+  (config.train) and the member's seed (as retrain.run trains the searched architecture), as
+  that member in <directory>/population.jsonl, so that train_population does not train it
+  again. Returns whether it was added (not when the member is already there)."""
+  store = Store(directory)
+  recipe = recipe_fingerprint(setup)
+  if (tuple(member.ops), int(member.seed)) in store.done(recipe):
+    return False
+  if jax.process_index() == 0:
+    store.append(_record(setup, recipe, member, result))
+  return True
 
 
 # A worker process's setup, built once by `_init_worker`.

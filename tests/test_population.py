@@ -97,6 +97,32 @@ def test_a_diverged_member_fails_with_its_architecture_and_the_remedy(tmp_path):
   assert 'config.train.learning_rate' in message
 
 
+def test_the_retraining_stands_in_for_the_comparisons_member_of_its_seed(tmp_path,
+                                                                           monkeypatch):
+  setup = _setup(tmp_path, steps=12)
+  config = setup.config
+  # No targets: the comparison's budget is the architecture's own costs.
+  config.targets.params = config.targets.flops = 0
+  config.baseline.architectures, config.baseline.seeds, config.baseline.workers = 2, 2, 1
+  retrained = population.retrain.run(setup, str(tmp_path / 'train'), OPS[1])
+  # What makes it valid: the retraining is the member's training, figure for figure.
+  member = population.train_member(setup, OPS[1], int(config.seed))
+  assert (member['top1'], member['loss']) == (retrained['top1'], retrained['loss'])
+  calls = []
+  real = population.train_member
+  monkeypatch.setattr(population, 'train_member',
+                      lambda s, ops, seed: calls.append((tuple(ops), seed)) or real(s, ops, seed))
+  comparison = baseline.compare_with_random(setup, OPS[1],
+                                            retrained={**retrained, 'wall_s': 1.0})
+  assert (OPS[1], 0) not in calls and (OPS[1], 1) in calls and len(calls) == 5
+  assert comparison['searched']['top1_seeds'][0] == retrained['top1']
+  # A comparison of another length trains its own member of that seed.
+  config.baseline.epochs = 0.01
+  calls.clear()
+  baseline.compare_with_random(setup, OPS[1], retrained={**retrained, 'wall_s': 1.0})
+  assert (OPS[1], 0) in calls
+
+
 def test_the_comparison_trains_baseline_epochs_long_and_leaves_the_config_alone(tmp_path):
   setup = _setup(tmp_path)
   setup.config.baseline.epochs = 0.0
