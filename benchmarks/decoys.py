@@ -66,11 +66,7 @@ def parse_args(argv=None):
                       '(3 architectures per search, --train-seeds each)')
   p.add_argument('--tiny', action='store_true',
                  help='a few steps of everything (for tests; the figures mean nothing)')
-  p.add_argument('--workers', type=int, default=0,
-                 help='processes at once (0 = one per CPU core on a CPU, 1 on accelerators)')
-  p.add_argument('--out', default='/tmp/hournas_decoys', help='results directory')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='override a config field, e.g. --set search.arch_lr=0.05 (repeatable)')
+  search_quality.add_run_arguments(p, out='/tmp/hournas_decoys')
   args = p.parse_args(argv)
   problems = []
   if args.seeds < 1 or args.train_seeds < 1:

@@ -98,6 +98,18 @@ CONTROLS = {CONTROL: lambda s: (s.__setitem__('arch_lr', 0.0),
 RANKING_METHOD = 'no_vital_priority'
 
 
+def add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
+  """--workers, --out (default `out`) and --set, as every benchmark of searches or stand-alone
+  trainings takes them."""
+  p.add_argument('--workers', type=int, default=0,
+                 help='processes training at once (0 = one per CPU core on a CPU, 1 on '
+                 'accelerators)')
+  p.add_argument('--out', default=out, help='results directory')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='override a config field, e.g. --set search.arch_lr=0.05 or --set '
+                 'train.warmup_epochs=2 (repeatable)')
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,12 +129,7 @@ def parse_args(argv=None):
                  f'from {",".join(VARIANTS)}; each runs with --ablation-seeds seeds')
   p.add_argument('--steps-scale', type=float, default=1.0,
                  help='multiplies the search epochs and the retraining epochs')
-  p.add_argument('--workers', type=int, default=0,
-                 help='processes training at once (0 = one per CPU core on a CPU, 1 on '
-                 'accelerators)')
-  p.add_argument('--out', default='/tmp/hournas_search_quality', help='results directory')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='override a config field, e.g. --set search.arch_lr=0.05 (repeatable)')
+  add_run_arguments(p, out='/tmp/hournas_search_quality')
   args = p.parse_args(argv)
   problems = []
   if args.seeds < 1 or args.random < 2 or args.train_seeds < 1 or args.ablation_seeds < 1:

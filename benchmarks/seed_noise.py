@@ -48,11 +48,7 @@ def parse_args(argv=None):
                  '(default: the config\'s)')
   p.add_argument('--arch-seed', type=int, default=0,
                  help='seed of the random architectures\' draw')
-  p.add_argument('--workers', type=int, default=0,
-                 help='processes at once (0 = one per CPU core on a CPU, 1 on accelerators)')
-  p.add_argument('--out', default='/tmp/hournas_seed_noise', help='results directory')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='override a config field, e.g. --set train.warmup_epochs=2 (repeatable)')
+  search_quality.add_run_arguments(p, out='/tmp/hournas_seed_noise')
   args = p.parse_args(argv)
   problems = []
   if args.architectures < 2 or args.seeds < 2:

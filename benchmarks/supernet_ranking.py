@@ -103,12 +103,7 @@ def parse_args(argv=None):
                  help='the population store directory (default <out>/population)')
   p.add_argument('--dataset', default='', help='override config.dataset')
   p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
-  p.add_argument('--workers', type=int, default=0,
-                 help='processes training the population at once (0 = one per CPU core on a '
-                 'CPU, 1 on accelerators)')
-  p.add_argument('--out', default='/tmp/hournas_supernet_ranking', help='results directory')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='override a config field, e.g. --set search.weight_lr=0.05 (repeatable)')
+  search_quality.add_run_arguments(p, out='/tmp/hournas_supernet_ranking')
   p.add_argument('--tiny', action='store_true',
                  help='a few steps of everything (tests): 4 + 4 search weight steps, 4 '
                  'training steps, small batches')
