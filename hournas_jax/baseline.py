@@ -77,7 +77,9 @@ def compare_with_random(setup: setup_lib.Setup, ops: Sequence[str],
                                                  seed=int(config.seed))
   seeds = range(int(b.seeds))
   directory = os.path.join(setup.workdir, 'baseline')
-  if retrained is not None and setup is full and int(config.seed) in seeds:
+  # One process only: the others of a run would read the store before process 0 wrote it.
+  if (retrained is not None and setup is full and int(config.seed) in seeds
+      and jax.process_count() == 1):
     population.add_trained(setup, population.Member(tuple(ops), int(config.seed), 'searched'),
                            retrained, directory)
   members = [population.Member(tuple(ops), s, 'searched') for s in seeds]

@@ -164,13 +164,13 @@ def add_trained(setup: setup_lib.Setup, member: Member, result: Mapping,
   """Stores `result`, the figures of a training of `member` done elsewhere with setup's recipe
   (config.train) and the member's seed (as retrain.run trains the searched architecture), as
   that member in <directory>/population.jsonl, so that train_population does not train it
-  again. Returns whether it was added (not when the member is already there)."""
+  again. Returns whether it was added (not when the member is already there). For runs of one
+  process: the others of a run would not see the record before they read the store."""
   store = Store(directory)
   recipe = recipe_fingerprint(setup)
   if (tuple(member.ops), int(member.seed)) in store.done(recipe):
     return False
-  if jax.process_index() == 0:
-    store.append(_record(setup, recipe, member, result))
+  store.append(_record(setup, recipe, member, result))
   return True
 
 
