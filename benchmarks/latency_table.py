@@ -130,12 +130,6 @@ def run_runtime(args, space, name: str, threads) -> dict:
   del runners
   measured = [r['measured_ms'] for r in rows]
   summary = {mode: errors_pct([r[f'{mode}_ms'] for r in rows], measured) for mode in MODES}
-  if recalibrated:
-    # The same networks against the correction the table had before: what recalibrating gained.
-    before = table_data['calibration']['history'][-1]['scale']['net']
-    summary['net_before_recalibration'] = errors_pct(
-        [r['net_ms'] / tables['net'].scale * before for r in rows], measured)
-    summary['net_before_recalibration']['correction'] = before
   for mode, s in summary.items():
     print(f'{name} {mode:>11}: mean |error| {s["mean_abs_pct"]:.1f}%, worst '
           f'{s["worst_abs_pct"]:.1f}%, mean signed {s["mean_signed_pct"]:+.1f}%, Spearman '
