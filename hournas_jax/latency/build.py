@@ -297,12 +297,11 @@ def recalibrate_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *
   its correction from them; the entries stay as they are.
 
   A table's level is that of the machine when it was built: a shared or virtual machine can run
-  everything a few percent faster or slower an hour later (at 224 px, whole networks ran 3.6%,
-  4.8% and 8.9% slower than one table predicted, in three runs back to back). Measuring its few
-  whole networks again (seconds to a minute, against minutes for the blocks) brings the
-  correction to the machine's present speed; the blocks' relative figures, which order the
-  architectures, are kept. The previous correction is kept in `calibration.history`, and the
-  session is recorded in `quality` as a build's is.
+  everything a few percent faster or slower an hour later (at 224 px, the same table predicted
+  whole networks 3.6%, 4.8% and 8.9% fast in three runs back to back). Its blocks are cached
+  but its whole networks are not, so measuring the few networks again (seconds to a minute)
+  brings the correction to the machine's present speed. The previous correction is kept in
+  `calibration.history`, and the session is recorded in `quality` as a build's is.
 
   Returns the table. Raises LatencyError when `out` holds no finished table of this protocol,
   device and space, or one without calibration networks."""

@@ -5,8 +5,8 @@
 
 The table, its protocol and its use are described in `hournas_jax/latency/__init__.py`; a
 rerun with the same --out resumes it, and `--recalibrate` later measures its whole calibration
-networks again to follow the machine's present speed. The summary prints the load and spread
-figures the table records, and a `warning:` line when they were taken on a busy machine.
+networks again to follow the machine's present speed. The summary prints the load and spread figures the table
+records, and a `warning:` line when they were taken on a busy machine.
 """
 
 from __future__ import annotations
