@@ -19,8 +19,7 @@ JSON.
     python benchmarks/latency_table.py --runtimes xla_cpu --archs 30
 
 Tables are kept in --tables-dir (one per runtime and space) and resumed on a rerun;
---overwrite measures them again, and --recalibrate measures a reused table's calibration
-networks again first (as `python -m hournas_jax.tools.latency --recalibrate` does). --threads is the TFLite interpreter's thread count and the
+--overwrite measures them again. --threads is the TFLite interpreter's thread count and the
 cores the process is pinned to for xla_cpu.
 """
 
@@ -85,14 +84,9 @@ def run_runtime(args, space, name: str, threads) -> dict:
                       f'c{space.num_classes}_s{space.stem_stride}_{name}_t{threads}_'
                       f'{args.timer}.json')
   t = time.perf_counter()
-  existed = os.path.exists(path) and not args.overwrite
   table_data = latency.build_table(space, protocol, path, runtime=runtime,
                                    overwrite=args.overwrite)
   table_s = time.perf_counter() - t
-  recalibrated = bool(args.recalibrate and existed and args.calibration)
-  if recalibrated:
-    # The table was built earlier: its correction is brought to the machine's speed now.
-    table_data = latency.recalibrate_table(space, protocol, path, runtime=runtime)
   tables = {mode: latency.latency_tables(path, space, overhead=mode != 'plain',
                                          correct=mode == 'net') for mode in MODES}
   print(f'\n{name} (threads {threads}): table {path} in {table_s:.0f} s, overhead '
@@ -147,7 +141,6 @@ def run_runtime(args, space, name: str, threads) -> dict:
     print(busy[-1])
   quality = table_data.get('quality') or {}
   return {'runtime': name, 'threads': threads, 'table': path, 'table_s': round(table_s, 1),
-          'recalibrated': recalibrated,
           'networks_s': round(networks_s, 1), 'networks_prepare_s': round(prepare_s, 1),
           'overhead_ms': tables['net'].overhead_ms, 'correction': tables['net'].scale,
           'measured_ms_range': [min(measured), max(measured)], **summary,
@@ -183,10 +176,6 @@ def build_parser() -> tools.Parser:
                  help='process_cpu on a machine shared with other work (see hournas_jax.latency)')
   p.add_argument('--tables-dir', default='/tmp/hournas_latency_tables')
   p.add_argument('--overwrite', action='store_true', help='measure the tables again')
-  p.add_argument('--recalibrate', action='store_true',
-                 help='when a table was built by an earlier run, measure its calibration '
-                 'networks again before the networks (the correction at the machine\'s speed '
-                 'now)')
   return p
 
 

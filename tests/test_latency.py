@@ -303,15 +303,6 @@ def test_cli_builds_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, capsy
   assert table['protocol']['passes'].startswith('2 passes')
   assert latency_tool.main(argv[:-4] + ['--repeats', '3', '--out', out, '--passes', '1']) == 2
   assert 'passes' in capsys.readouterr().err
-  # --recalibrate measures the finished table's one calibration network again, nothing else.
-  recalibrate = argv[:-4] + ['--repeats', '3', '--out', out, '--recalibrate']
-  assert latency_tool.main(recalibrate) == 0
-  captured = capsys.readouterr()
-  assert 'calibration networks again' in captured.err and '[1/1]' in captured.err
-  assert len(json.loads(open(out).read())['calibration']['history']) == 1
-  assert latency_tool.main(recalibrate + ['--overwrite']) == 2
-  err = capsys.readouterr().err
-  assert err.count('\n') == 1 and 'give one of them' in err
 
 
 def test_tflite_runtime_measures_one_block():

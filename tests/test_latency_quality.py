@@ -186,55 +186,6 @@ def test_the_correction_from_whole_networks_removes_their_bias(tmp_path):
                         log=open(os.devnull, 'w'))
 
 
-class SlowedRuntime(BiasedRuntime):
-  """The machine of BiasedRuntime an hour later, 10% slower for whole networks (a shared or
-  virtual machine): networks run 1.265x the sum of the blocks the table holds."""
-
-  def network_samples(self, space, ops, channels=3):
-    return 1.1 * super().network_samples(space, ops, channels)
-
-
-def test_recalibrating_follows_the_machine_and_keeps_the_entries(tmp_path):
-  space = toy_space(RES)
-  path = tmp_path / 't.json'
-  built = latency.build_table(space, protocol(calibration=3), str(path),
-                              runtime=BiasedRuntime(protocol(calibration=3)),
-                              log=open(os.devnull, 'w'))
-  runtime = SlowedRuntime(protocol(calibration=3))
-  table = latency.recalibrate_table(space, protocol(calibration=3), str(path), runtime=runtime,
-                                    log=open(os.devnull, 'w'))
-  # Only the 3 calibration networks are measured again; the blocks stay as they were.
-  assert runtime.calls == 3
-  assert table['latency_ms'] == built['latency_ms']
-  assert table['calibration']['scale']['net'] == pytest.approx(1.15 * 1.1)
-  (previous,) = table['calibration']['history']
-  assert previous['scale']['net'] == pytest.approx(1.15)
-  assert [n['layers'] for n in table['calibration']['networks']] == [
-      n['layers'] for n in built['calibration']['networks']]
-  # Written to disk, and what a search reads: networks are predicted as they run now.
-  corrected = latency.latency_tables(str(path), space)
-  for ops in latency.random_archs(space, 5, seed=0):
-    measured = SlowedRuntime(protocol()).network_samples(space, ops)[0]
-    assert latency.predict_ms(corrected, ops) == pytest.approx(measured)
-  assert len(table['quality']['sessions']) == 2
-
-
-def test_recalibrating_refuses_what_it_cannot_refit(tmp_path):
-  space = toy_space(RES)
-  quiet = dict(log=open(os.devnull, 'w'))
-  with pytest.raises(latency.LatencyError, match='no latency table to recalibrate'):
-    latency.recalibrate_table(space, protocol(calibration=2), str(tmp_path / 'none.json'),
-                              runtime=BiasedRuntime(protocol(calibration=2)), **quiet)
-  path = str(tmp_path / 'plain.json')
-  latency.build_table(space, protocol(), path, runtime=BiasedRuntime(protocol()), **quiet)
-  with pytest.raises(latency.LatencyError, match='no calibration networks'):
-    latency.recalibrate_table(space, protocol(), path, runtime=BiasedRuntime(protocol()),
-                              **quiet)
-  with pytest.raises(latency.LatencyError, match='options it was built with'):
-    latency.recalibrate_table(space, protocol(calibration=2), path,
-                              runtime=BiasedRuntime(protocol(calibration=2)), **quiet)
-
-
 def test_a_table_without_the_new_fields_predicts_as_before(tmp_path):
   space = toy_space(RES)
   path = tmp_path / 't.json'

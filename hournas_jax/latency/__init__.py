@@ -47,9 +47,7 @@ activations in cache, a network does not, so whole networks run slower than the 
 blocks (14-19% at 224 px). The build also measures `calibration` (5) random whole networks
 (their own seed) under the same protocol, and predictions are multiplied by the median of
 their measured / summed latency (`correct=False` leaves it out). A table without those
-networks (an older one) predicts the sum, as before. `recalibrate_table` (the tool's
-`--recalibrate`) measures those networks again later and refits the correction, for a machine
-whose speed has moved since the table was built.
+networks (an older one) predicts the sum, as before.
 
 The table is JSON (see `TABLE_FORMAT`), written atomically after every measurement; a rerun
 with the same --out skips the entries already there and refuses, in one line, a table
@@ -57,7 +55,7 @@ measured under another protocol, on another device or for another space, unless 
 """
 
 from hournas_jax.latency.build import (CALIBRATION_SEED, build_table, calibration_networks,
-                                       entries_to_measure, quality_lines, recalibrate_table)
+                                       entries_to_measure, quality_lines)
 from hournas_jax.latency.predict import (TABLE_FORMAT, LatencyTable, command, correction,
                                          latency_tables, load_table, predict_ms, random_archs,
                                          read_json, sum_ms)
@@ -81,6 +79,5 @@ __all__ = [
     'build_table', 'calibration_networks', 'command', 'correction', 'device_info',
     'entries_to_measure', 'inference_fn', 'inner_runs', 'input_shape', 'latency_tables',
     'load_table', 'load_verdict', 'predict_ms', 'quality_lines', 'random_archs', 'read_json',
-    'recalibrate_table',
     'setup_threads', 'space_info', 'spread', 'sum_ms', 'summarize', 'time_runs', 'tflite_model',
     'tflite_runner']

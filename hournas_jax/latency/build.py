@@ -94,16 +94,6 @@ def _write(path: str, table: dict) -> None:
   checkpoint.atomic_write_text(path, json.dumps(table, indent=1) + '\n')
 
 
-def _check_header(out: str, table: dict, header: dict, remedy: str) -> None:
-  """Raises LatencyError when `table` (read from `out`) was measured for another space, under
-  another protocol or on another device than `header` says."""
-  diffs = [d for part in ('space', 'protocol', 'device')
-           for d in predict.diff(part, table.get(part, {}), header[part])]
-  if diffs:
-    raise LatencyError(f'{out} holds a table measured another way ({"; ".join(diffs[:3])}'
-                       f'{"; ..." if len(diffs) > 3 else ""}); {remedy}')
-
-
 class _Session:
   """The load and spread figures of one build, kept in table['quality']['sessions']."""
 
@@ -183,7 +173,12 @@ def build_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *, chan
   table = None
   if os.path.exists(out) and not overwrite:
     table = predict.read_json(out)
-    _check_header(out, table, header, 'use --overwrite to measure it again, or another --out')
+    diffs = [d for part in ('space', 'protocol', 'device')
+             for d in predict.diff(part, table.get(part, {}), header[part])]
+    if diffs:
+      raise LatencyError(f'{out} holds a table measured another way ({"; ".join(diffs[:3])}'
+                         f'{"; ..." if len(diffs) > 3 else ""}); use --overwrite to measure it '
+                         'again, or another --out')
   if table is None:
     table = {**header, 'created': _now(), 'updated': None, 'overhead_ms': None,
              'layers': {}, 'latency_ms': {}, 'p10_ms': {}, 'p90_ms': {}}
@@ -285,62 +280,6 @@ def build_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *, chan
   if calibration['networks']:
     calibration['scale'] = {mode: round(predict.correction(table, mode == 'net')[0], 5)
                             for mode in ('net', 'plain')}
-    if networks:
-      calibration['measured'] = _now()
-  _write(out, table)
-  return table
-
-
-def recalibrate_table(space: spaces.SearchSpace, protocol: Protocol, out: str, *,
-                      channels: int = 3, runtime: Runtime | None = None, log=None) -> dict:
-  """Measures the calibration networks of the finished table at `out` again, now, and refits
-  its correction from them; the entries stay as they are.
-
-  A table's level is that of the machine when it was built: a shared or virtual machine can run
-  everything a few percent faster or slower an hour later (at 224 px, the same table predicted
-  whole networks 3.6%, 4.8% and 8.9% fast in three runs back to back). Its blocks are cached
-  but its whole networks are not, so measuring the few networks again (seconds to a minute)
-  brings the correction to the machine's present speed. The previous correction is kept in
-  `calibration.history`, and the session is recorded in `quality` as a build's is.
-
-  Returns the table. Raises LatencyError when `out` holds no finished table of this protocol,
-  device and space, or one without calibration networks."""
-  runtime = runtime or Runtime(protocol)
-  log = log or sys.stderr
-  if not os.path.exists(out):
-    raise LatencyError(f'{out}: no latency table to recalibrate; build it first')
-  table = predict.read_json(out)
-  header = {'space': timing.space_info(space, channels), 'protocol': protocol.to_dict(),
-            'device': timing.device_info(protocol.runtime)}
-  _check_header(out, table, header, 'recalibrate it with the options it was built with')
-  calibration = table.get('calibration') or {}
-  networks = calibration.get('networks') or []
-  if not networks or not calibration.get('scale'):
-    raise LatencyError(f'{out} has no calibration networks to measure again (built with '
-                       '--calibration 0, or not finished); build it with --calibration N')
-  quality = table.setdefault('quality', {})
-  quality.setdefault('max_spread', getattr(runtime, 'max_spread', timing.DEFAULT_MAX_SPREAD))
-  session = _Session(runtime, quality)
-  previous = {'scale': dict(calibration['scale']),
-              'measured': calibration.get('measured') or table.get('updated')}
-  print(f'latency table {out}: measuring its {len(networks)} calibration networks again '
-        f'(correction x{calibration["scale"]["net"]:.3f} so far)', file=log, flush=True)
-  fresh = []
-  for i, network in enumerate(networks):
-    searchable = [network['layers'][n] for n in space.searchable_names]
-    stats = session.measure(f'network {i}',
-                            lambda s=searchable: runtime.network_samples(space, s, channels))
-    fresh.append({**network, 'median': stats['median'], 'p10': stats['p10'],
-                  'p90': stats['p90']})
-    print(f'[{i + 1}/{len(networks)}] calibration network {i}: {stats["median"]:.4f} ms '
-          f'(was {network["median"]:.4f}; spread {stats["spread"]:.1%})', file=log, flush=True)
-  calibration['networks'] = fresh
-  calibration['scale'] = {mode: round(predict.correction(table, mode == 'net')[0], 5)
-                          for mode in ('net', 'plain')}
-  calibration['measured'] = _now()
-  calibration.setdefault('history', []).append(previous)
-  print(f'correction x{previous["scale"]["net"]:.3f} -> x{calibration["scale"]["net"]:.3f}',
-        file=log, flush=True)
   _write(out, table)
   return table
 

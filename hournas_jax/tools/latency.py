@@ -4,8 +4,7 @@
         --runtime tflite --threads 1 --out table.json [--width 1.0] [--ops k3e1,k5e6,skip]
 
 The table, its protocol and its use are described in `hournas_jax/latency/__init__.py`; a
-rerun with the same --out resumes it, and `--recalibrate` later measures its whole calibration
-networks again to follow the machine's present speed. The summary prints the load and spread figures the table
+rerun with the same --out resumes it. The summary prints the load and spread figures the table
 records, and a `warning:` line when they were taken on a busy machine.
 """
 
@@ -55,9 +54,6 @@ def build_parser() -> tools.Parser:
   p.add_argument('--out', required=True, help='the table (JSON); resumed if it exists')
   p.add_argument('--overwrite', action='store_true',
                  help='start the table again if it was measured another way')
-  p.add_argument('--recalibrate', action='store_true',
-                 help='measure the finished table\'s calibration networks again and refit its '
-                 'correction to the machine\'s speed now (the other options as it was built)')
   return p
 
 
@@ -82,16 +78,9 @@ def main(argv=None) -> int:
                                 args.precision, args.timer, args.min_sample_ms,
                                 args.calibration, args.passes)
     runtime = latency.Runtime(protocol, max_spread=args.max_spread, retries=args.retries)
-    if args.recalibrate and args.overwrite:
-      raise latency.LatencyError('--recalibrate refits a finished table; --overwrite measures '
-                                 'it anew: give one of them')
     t = time.perf_counter()
-    if args.recalibrate:
-      table = latency.recalibrate_table(space, protocol, args.out, channels=args.channels,
-                                        runtime=runtime)
-    else:
-      table = latency.build_table(space, protocol, args.out, channels=args.channels,
-                                  overwrite=args.overwrite, runtime=runtime)
+    table = latency.build_table(space, protocol, args.out, channels=args.channels,
+                                overwrite=args.overwrite, runtime=runtime)
     lo, hi = latency.latency_tables(table, space, channels=args.channels).bounds()
   except (spaces.SpaceError, errors.UserError) as e:
     print(f'error: {e}', file=sys.stderr)
