@@ -21,9 +21,10 @@ import os
 import sys
 
 # Quiet TensorFlow's C++ start-up lines (TF is only imported for TFDS and image-folder datasets;
-# hournas_jax/data sets the same default for runs that skip main.py). Set before any import
-# that could load TF; a user's own value wins.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# hournas_jax/data does the same for runs that skip main.py). Before any import that could load
+# TF; a user's own values win.
+from hournas_jax import tf_env  # pylint: disable=g-import-not-at-top,wrong-import-position
+tf_env.quiet()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

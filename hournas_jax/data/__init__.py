@@ -1,13 +1,10 @@
 """Input pipeline for HourNAS search and retraining (see input_pipeline.py)."""
 
-import os
-
-# TensorFlow (tf.data for TFDS and image folders) prints C++ start-up lines (CPU feature notices,
-# absl's "before InitializeLog" warning) when first imported. Every TF-importing module of this
-# package is imported after this line, so runs that do not come through main.py (tools,
-# notebooks, library use) are quiet too; a user's own TF_CPP_MIN_LOG_LEVEL wins. Level 2 keeps
-# TF's C++ errors.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TensorFlow (tf.data for TFDS and image folders) prints C++ start-up lines when first imported.
+# Every TF-importing module of this package is imported after this line, so runs that do not
+# come through main.py (tools, notebooks, library use) are quiet too (hournas_jax/tf_env.py).
+from hournas_jax import tf_env
+tf_env.quiet()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from hournas_jax.data.common import allowed_channels

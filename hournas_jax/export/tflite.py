@@ -12,13 +12,13 @@ ai_edge_litert when it is installed, else tf.lite. TensorFlow is imported only w
 from __future__ import annotations
 
 import collections
-import os
 import warnings
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
+from hournas_jax import tf_env
 from hournas_jax.export import base, inference, model as model_lib
 
 PRECISIONS = ('float32', 'float16', 'int8')
@@ -32,7 +32,7 @@ def tflite_file(precision: str) -> str:
 
 
 def _tf():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  tf_env.quiet()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from hournas_jax import errors, spaces
+from hournas_jax import errors, spaces, tf_env
 
 RUNTIMES = ('xla_cpu', 'xla_gpu', 'xla_tpu', 'tflite')
 PRECISIONS = ('float32', 'float16')
@@ -355,7 +355,7 @@ class Runtime:
 
 
 def _tf():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # as export does
+  tf_env.quiet()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf
 
