@@ -30,7 +30,6 @@ printed is the JSON of <out>/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -54,8 +53,6 @@ def parse_args(argv=None):
                  help='real ops that get a decoy twin, comma-separated (config.decoys)')
   p.add_argument('--decoy-kind', default='frozen',
                  help='the flavour of twin (config.decoy_kind): frozen | frozen_no_shortcut')
-  p.add_argument('--dataset', default='', help='override config.dataset')
-  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
   p.add_argument('--seeds', type=int, default=5, help='searches')
   p.add_argument('--train-seeds', type=int, default=2,
                  help='stand-alone trainings of each all-real and all-decoy network')
@@ -190,18 +187,9 @@ def decoy_costs(setup, architectures, vital_layers, train_seeds, out, workers):
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from hournas_jax import checkpoint, decoys, population, setup as setup_lib, train, vital  # pylint: disable=g-import-not-at-top
+  from hournas_jax import checkpoint, decoys, vital  # pylint: disable=g-import-not-at-top
   started = time.time()
-  try:
-    base = load_config(args)
-    train.validate_config(base)
-    setup_lib.configure_jax(base)
-    setup = setup_lib.resolve_setup(base, args.out)
-  except ValueError as e:  # ConfigError and SpaceError are ValueErrors
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  out = checkpoint.prepare_workdir(args.out)
-  workers = population.default_workers(args.workers)
+  base, setup, out, workers = search_quality.start(args, load_config)
   space = setup.space
   _, twinned = decoys.split(space.op_names)
 
@@ -260,10 +248,7 @@ def main(argv=None):
       'search_wall_s': [searched[METHOD, s]['wall_s'] for s in range(args.seeds)],
       'wall_s': time.time() - started,
   }
-  checkpoint.atomic_write_json(os.path.join(out, 'results.json'), report)
-  print('\n'.join(lines), flush=True)
-  print(json.dumps(report, default=float), flush=True)
-  return report
+  return search_quality.finish(out, lines, report)
 
 
 if __name__ == '__main__':

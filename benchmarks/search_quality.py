@@ -99,8 +99,10 @@ RANKING_METHOD = 'no_vital_priority'
 
 
 def add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
-  """--workers, --out (default `out`) and --set, as every benchmark of searches or stand-alone
-  trainings takes them."""
+  """--dataset, --targets and --set (what `load_config` reads besides --config), --workers and
+  --out (default `out`), as every benchmark of searches or stand-alone trainings takes them."""
+  p.add_argument('--dataset', default='', help='override config.dataset')
+  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
   p.add_argument('--workers', type=int, default=0,
                  help='processes training at once (0 = one per CPU core on a CPU, 1 on '
                  'accelerators)')
@@ -115,8 +117,6 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/search_quality.py',
                  help='base config (task, space, search and retraining recipe)')
-  p.add_argument('--dataset', default='', help='override config.dataset')
-  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
   p.add_argument('--seeds', type=int, default=5, help='HourNAS searches (N), and as many of '
                  'the prior_only control')
   p.add_argument('--random', type=int, default=20, help='random architectures (K)')
@@ -199,6 +199,37 @@ def load_config(args):
   config.tensorboard = False
   config.mode = 'search'
   return config
+
+
+def start(args, load=None):
+  """The opening of a benchmark that trains in <args.out>: its config (`load(args)`, by default
+  `load_config`) checked, JAX configured, the setup resolved and the results directory
+  prepared; a bad config is one `error:` line and exit status 2.
+
+  Returns:
+    (config, setup, out, workers): workers as population.default_workers makes of --workers.
+  """
+  from hournas_jax import checkpoint, population, setup as setup_lib, train  # pylint: disable=g-import-not-at-top
+  try:
+    config = (load or load_config)(args)
+    train.validate_config(config)
+    setup_lib.configure_jax(config)
+    setup = setup_lib.resolve_setup(config, args.out)
+  except ValueError as e:  # ConfigError and SpaceError are ValueErrors
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  return (config, setup, checkpoint.prepare_workdir(args.out),
+          population.default_workers(args.workers))
+
+
+def finish(out: str, lines, report: dict) -> dict:
+  """The close of such a benchmark: `report` written to <out>/results.json, then the `lines` a
+  reader reads and the report's JSON as the last line printed. Returns `report`."""
+  from hournas_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.atomic_write_json(os.path.join(out, 'results.json'), report)
+  print('\n'.join(lines), flush=True)
+  print(json.dumps(report, default=float), flush=True)
+  return report
 
 
 def method_config(base, method: str, seed: int):

@@ -20,7 +20,6 @@ anew). The last line printed is the JSON of <out>/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,8 +39,6 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/quickstart.py',
                  help='config whose space, budget and training recipe (config.train) are measured')
-  p.add_argument('--dataset', default='', help='override config.dataset')
-  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
   p.add_argument('--architectures', type=int, default=10, help='random architectures')
   p.add_argument('--seeds', type=int, default=3, help='training seeds per architecture')
   p.add_argument('--epochs', default='', help='comma-separated config.train.epochs to measure '
@@ -94,18 +91,9 @@ def seed_noise(top1: dict[tuple[str, ...], list[float]]) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from hournas_jax import checkpoint, population, setup as setup_lib, train  # pylint: disable=g-import-not-at-top
+  from hournas_jax import population, setup as setup_lib  # pylint: disable=g-import-not-at-top
   started = time.time()
-  try:
-    base = search_quality.load_config(args)
-    train.validate_config(base)
-    setup_lib.configure_jax(base)
-    setup = setup_lib.resolve_setup(base, args.out)
-  except ValueError as e:  # ConfigError and SpaceError are ValueErrors
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  out = checkpoint.prepare_workdir(args.out)
-  workers = population.default_workers(args.workers)
+  base, setup, out, workers = search_quality.start(args)
   targets = {k: float(base.targets[k]) for k in ('params', 'flops') if base.targets[k]}
   archs = population.random_architectures(setup.space, targets, args.architectures,
                                           seed=args.arch_seed)
@@ -140,10 +128,7 @@ def main(argv=None):
   report = {'config': args.config, 'set': args.set, 'dataset': setup.dataset,
             'space': setup.space.name, 'architectures': [list(a) for a in archs],
             'seeds': args.seeds, 'by_epochs': results, 'wall_s': time.time() - started}
-  checkpoint.atomic_write_json(os.path.join(out, 'results.json'), report)
-  print('\n'.join(lines), flush=True)
-  print(json.dumps(report, default=float), flush=True)
-  return report
+  return search_quality.finish(out, lines, report)
 
 
 if __name__ == '__main__':

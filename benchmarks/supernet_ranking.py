@@ -101,8 +101,6 @@ def parse_args(argv=None):
                  help='config.train.epochs of the ground truth (0 = the config\'s)')
   p.add_argument('--population', default='',
                  help='the population store directory (default <out>/population)')
-  p.add_argument('--dataset', default='', help='override config.dataset')
-  p.add_argument('--targets', default='', help='PARAMS,FLOPS (default: the config\'s)')
   search_quality.add_run_arguments(p, out='/tmp/hournas_supernet_ranking')
   p.add_argument('--tiny', action='store_true',
                  help='a few steps of everything (tests): 4 + 4 search weight steps, 4 '
