@@ -18,12 +18,16 @@ architecture share its compiled programs.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -215,7 +219,6 @@ def worker_pool(config, workdir: str, workers: int):
   worker that dies (out of memory, killed) fails the futures it leaves (BrokenProcessPool)
   instead of leaving them waiting forever; a run stopped here stops its workers too.
   """
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
   import multiprocessing  # pylint: disable=g-import-not-at-top
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_cpu_multi_thread_eigen' not in flags:
@@ -240,14 +243,91 @@ def worker_pool(config, workdir: str, workers: int):
       del os.environ['XLA_FLAGS']
 
 
+def _train_beside_workers(setup: setup_lib.Setup, tasks: list, workers: int,
+                          record_all: Callable[[list[dict]], None]) -> None:
+  """Trains `tasks` ((recipe, members of one architecture) pairs) in this process and in
+  workers - 1 spawned ones, each taking the next task as it finishes one; this process takes
+  the first task, so a caller lists first an architecture whose programs it has compiled
+  already (the searched one, right after its retraining). Records are stored by this process
+  alone, as tasks finish. Raises the first error of a task, here or in a worker.
+
+  This process works rather than waits: it is warm (JAX initialised, the data read, programs
+  compiled), where each spawned process pays its imports, its data and its compiles first.
+  """
+  pending = collections.deque(tasks)
+  lock = threading.Lock()
+  finished: queue.Queue = queue.Queue()
+  stop = threading.Event()
+
+  def next_task():
+    with lock:
+      return pending.popleft() if pending else None
+
+  with worker_pool(setup.config, setup.workdir, workers - 1) as pool:
+
+    def feed():
+      # Keeps every worker busy with the next pending task; ends with a None.
+      in_flight = set()
+      try:
+        while not stop.is_set():
+          while len(in_flight) < workers - 1:
+            task = next_task()
+            if task is None:
+              break
+            in_flight.add(pool.submit(_worker_task, task))
+          if not in_flight:
+            break
+          done, in_flight = concurrent.futures.wait(
+              in_flight, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+          for future in done:
+            finished.put(future)
+      except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
+        # The pool was shut down (this process stopped) or broken: said once, by the result.
+        broken = concurrent.futures.Future()
+        broken.set_exception(e)
+        finished.put(broken)
+      finally:
+        finished.put(None)
+
+    feeding = True
+
+    def record_finished(block: bool) -> None:
+      """Records the workers' finished tasks (block: until the feeder has ended)."""
+      nonlocal feeding
+      while feeding:
+        try:
+          future = finished.get(block=block)
+        except queue.Empty:
+          return
+        if future is None:
+          feeding = False
+        else:
+          record_all(future.result())
+
+    first = next_task()
+    feeder = threading.Thread(target=feed, daemon=True, name='population_feeder')
+    feeder.start()
+    try:
+      task = first
+      while task is not None:
+        record_all(_train_architecture(setup, task[0], task[1]))
+        record_finished(block=False)
+        task = next_task()
+      record_finished(block=True)
+    finally:
+      stop.set()
+      feeder.join()
+
+
 def train_population(setup: setup_lib.Setup, members: Iterable[Member], directory: str, *,
                      workers: int = 1, log_prefix: str = '[population]',
                      on_record: Callable[[dict], None] | None = None) -> list[dict]:
   """Trains every member not yet in <directory>/population.jsonl; returns the records of all
   `members` (finished earlier or now), in order.
 
-  workers > 1 trains architectures in that many processes at once (CPU only: each process
-  would claim every accelerator); results are appended by this process alone. on_record is
+  workers > 1 trains architectures in that many processes at once, this one and workers - 1
+  spawned ones (CPU only: each process would claim every accelerator); results are appended by
+  this process alone. This process starts with the first member's architecture. on_record is
   called with each record once it is stored (e.g. to redraw a picture as a grid fills).
   """
   members = list(members)
@@ -292,16 +372,12 @@ def train_population(setup: setup_lib.Setup, members: Iterable[Member], director
   # Several processes of one run train each member together over the global mesh.
   if (workers > 1 and len(tasks) > 1 and jax.default_backend() == 'cpu'
       and jax.process_count() == 1):
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
-    with worker_pool(setup.config, setup.workdir, workers) as pool:
-      futures = [pool.submit(_worker_task, task) for task in tasks]
-      try:
-        for future in concurrent.futures.as_completed(futures):
-          record_all(future.result())
-      except concurrent.futures.process.BrokenProcessPool as e:
-        raise retrain.TrainingError(
-            f'{log_prefix} a worker process died ({e}); the {finished} members trained so '
-            f'far are kept in {store.path}: rerun the same command to train the rest') from None
+    try:
+      _train_beside_workers(setup, tasks, workers, record_all)
+    except concurrent.futures.process.BrokenProcessPool as e:
+      raise retrain.TrainingError(
+          f'{log_prefix} a worker process died ({e}); the {finished} members trained so '
+          f'far are kept in {store.path}: rerun the same command to train the rest') from None
   else:
     for _, group in tasks:
       record_all(_train_architecture(setup, recipe, group))

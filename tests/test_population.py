@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -258,6 +259,44 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
   while alive(child) and time.time() < deadline:
     time.sleep(0.1)
   assert not alive(child)
+
+
+def test_the_calling_process_trains_beside_its_workers(tmp_path, monkeypatch):
+  """workers=2 spawns one process; this one trains too, starting with the first architecture
+  (whose programs a caller may have compiled), and stores every record."""
+  config = default_lib.get_config()
+  config.dataset, config.image_size, config.channels = 'digits', 8, 1
+  config.space, config.width, config.xla_fast_compile = 'fbnet_shallow', 0.25, True
+  config.train.batch_size, config.train.steps, config.train.eval_batch_size = 64, 2, 360
+  # The workers build their setup from the config, so the space is the config's own.
+  setup = setup_lib.resolve_setup(config, str(tmp_path))
+  archs = population.random_architectures(setup.space, {}, 3, seed=0)
+  here = []
+  real = population._train_architecture  # pylint: disable=protected-access
+
+  def train_here(s, recipe, group):
+    here.append(group[0].ops)
+    records = real(s, recipe, group)
+    # The worker takes every other architecture before this one ends: its results, and the
+    # end of the feeding, arrive while this process is still at work.
+    deadline = time.time() + 300
+    while (any(t.name == 'population_feeder' for t in threading.enumerate())
+           and time.time() < deadline):
+      time.sleep(0.1)
+    return records
+  monkeypatch.setattr(population, '_train_architecture', train_here)
+  members = [population.Member(a, seed) for a in archs for seed in (0, 1)]
+  records = population.train_population(setup, members, str(tmp_path / 'pop'), workers=2)
+  assert [(tuple(r['ops']), r['seed']) for r in records] == [(m.ops, m.seed) for m in members]
+  assert all(0.0 <= r['top1'] <= 1.0 for r in records)
+  stored = population.Store(str(tmp_path / 'pop')).done(population.recipe_fingerprint(setup))
+  assert set(stored) == {(m.ops, m.seed) for m in members}
+  # The first architecture here, the others in the worker.
+  assert here == [archs[0]]
+  # A training that fails, here or in the worker, fails the population with its message.
+  config.train.update(learning_rate=1e12, lr_scaling='none', warmup_epochs=0.0)
+  with pytest.raises(population.retrain.TrainingError, match='non-finite test loss'):
+    population.train_population(setup, members, str(tmp_path / 'diverged'), workers=2)
 
 
 def test_a_worker_that_dies_fails_its_job_instead_of_hanging(tmp_path):
