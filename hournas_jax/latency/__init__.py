@@ -30,10 +30,12 @@ on their values). `skip` is 0.0 and is not measured: the identity is no op in th
 graph (XLA and the TFLite converter drop it). The stem, MnasNet's fixed SepConv and the head
 are measured like any candidate.
 
-Load (`build.py`): every measurement reads the 1-minute load average and the share of a core
-the timed runs got (process CPU time / wall time); each build records them, with the spread
-figures, as a session in `quality`, and sets `quality.busy` (and the tool prints a warning)
-when the load average exceeds 0.75 per core or single-threaded runs got under 90% of a core.
+Load (`build.py`): every measurement reads the load (the processes running or waiting for a
+CPU, before and after it: not the 1-minute load average, which still carries a job that ended a
+minute ago) and the share of a core the timed runs got (process CPU time / wall time); each
+build records them, with the spread figures, as a session in `quality` (the load's mean as
+`load_average`), and sets `quality.busy` (and the tool prints a warning) when that mean exceeds
+0.75 per core or single-threaded runs got under 90% of a core.
 
 Overhead: every measured entry includes the cost of one call of the runtime (dispatch, invoke;
 on a CPU from under 1 to ~10 microseconds) that the network pays once, not once a layer. The
@@ -66,7 +68,8 @@ from hournas_jax.latency.timing import (BUSY_CPU_SHARE, BUSY_LOAD_PER_CORE, DEFA
                                         OVERHEAD_SHAPE, PRECISIONS, RUNTIMES, SKIP_RULE, TIMERS,
                                         LatencyError, Machine, Protocol, Runtime,
                                         block_variables, device_info, inference_fn, inner_runs,
-                                        input_shape, load_verdict, setup_threads, space_info,
+                                        input_shape, load_verdict, runnable_processes,
+                                        setup_threads, space_info,
                                         spread, summarize, time_runs, tflite_model,
                                         tflite_runner)
 
@@ -79,5 +82,5 @@ __all__ = [
     'build_table', 'calibration_networks', 'command', 'correction', 'device_info',
     'entries_to_measure', 'inference_fn', 'inner_runs', 'input_shape', 'latency_tables',
     'load_table', 'load_verdict', 'predict_ms', 'quality_lines', 'random_archs', 'read_json',
-    'setup_threads', 'space_info', 'spread', 'sum_ms', 'summarize', 'time_runs', 'tflite_model',
-    'tflite_runner']
+    'runnable_processes', 'setup_threads', 'space_info', 'spread', 'sum_ms', 'summarize',
+    'time_runs', 'tflite_model', 'tflite_runner']

@@ -5,7 +5,7 @@ mean of `inner` back-to-back runs, `inner` grown until one sample takes `min_sam
 0.01 ms block is timed over hundreds of runs, above the timer's granularity and noise). A
 measurement whose spread, (p90 - p10) / median, exceeds `max_spread` is timed again, up to
 `retries` times, and the attempt of least spread kept. Around each attempt it reads the load
-average and the share of wall time the process spent on a CPU (`Machine`): figures from which
+(runnable processes) and the share of wall time the process spent on a CPU (`Machine`): figures from which
 `load_verdict` says whether the machine was too busy to trust them.
 """
 
@@ -39,8 +39,9 @@ DEFAULT_RETRIES = 2
 DEFAULT_PASSES = 2
 # Whole networks measured with the table, to fit its correction (see `predict`).
 DEFAULT_CALIBRATION = 5
-# Busy: a 1-minute load average above this many runnable processes per core (the measuring
-# process counts as one), or single-threaded runs that had less than this share of a core.
+# Busy: a load (runnable processes, the measuring one included, averaged over a build's
+# measurements) above this many per core, or single-threaded runs that had less than this
+# share of a core.
 BUSY_LOAD_PER_CORE = 0.75
 BUSY_CPU_SHARE = 0.9
 # The overhead graph's input: one value, so the graph costs the call and nothing else.
@@ -151,7 +152,18 @@ def input_shape(space: spaces.SearchSpace, layer: spaces.LayerSpec, channels: in
   return (1, layer.in_resolution, layer.in_resolution, cin)
 
 
-def _load_average() -> float:
+def runnable_processes(stat_path: str = '/proc/stat') -> float:
+  """The machine's load now: the processes (threads) running or waiting for a CPU, the
+  reader included (Linux's `procs_running`). The 1-minute load average, where there is no
+  such count, damps the same figure over minutes: a job that ended a minute ago still weighs
+  in it, and one that just started barely does. NaN where neither can be read."""
+  try:
+    with open(stat_path) as f:
+      for line in f:
+        if line.startswith('procs_running '):
+          return float(line.split()[1])
+  except (OSError, ValueError, IndexError):
+    pass
   try:
     return os.getloadavg()[0]
   except OSError:  # not every system has one
@@ -160,10 +172,11 @@ def _load_average() -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Machine:
-  """Where the load figures come from: the 1-minute load average (system-wide, the measuring
-  process included) and the process's CPU and wall clocks, whose ratio over a measurement is
-  the share of a core it got. Tests inject fakes."""
-  load: Callable[[], float] = _load_average
+  """Where the load figures come from: the processes running or waiting for a CPU, read before
+  and after each measurement (`runnable_processes`, the measuring process included; their
+  mean over a build is its load average), and the process's CPU and wall clocks, whose ratio
+  over a measurement is the share of a core it got. Tests inject fakes."""
+  load: Callable[[], float] = runnable_processes
   cpu: Callable[[], float] = time.process_time
   wall: Callable[[], float] = time.perf_counter
   cores: int = os.cpu_count() or 1
@@ -174,7 +187,7 @@ def load_verdict(load: float | None, cores: int, cpu_share: float | None,
   """Why figures taken under these conditions are not to be trusted, or None.
 
   Args:
-    load: the mean 1-minute load average while measuring (None or NaN: unknown).
+    load: the mean number of runnable processes while measuring (None or NaN: unknown).
     cores: the machine's cores.
     cpu_share: the median CPU time / wall time of the measurements (None: unknown).
     single_thread: whether the runs compute on one core, so that a share under 1 is time the
