@@ -2,7 +2,7 @@
 
     python main.py --config=configs/quickstart.py --workdir=/tmp/hournas_quickstart
 
-No download, no accelerator: in 3.5 to 5 minutes on 2 CPU cores it searches a small FBNet space
+No download, no accelerator: in about 3 minutes on 2 CPU cores it searches a small FBNet space
 (fbnet_shallow: 12 SuperBlocks at width 0.25 with 4 of FBNet's candidate ops, 16x16 inputs,
 10 classes), retrains the found architecture from scratch, trains it and 6 random architectures
 of the same budget with 2 seeds each (config.baseline), and prints where it falls among them.
