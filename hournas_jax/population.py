@@ -373,7 +373,7 @@ def train_population(setup: setup_lib.Setup, members: Iterable[Member], director
   if (workers > 1 and len(tasks) > 1 and jax.default_backend() == 'cpu'
       and jax.process_count() == 1):
     try:
-      _train_beside_workers(setup, tasks, workers, record_all)
+      _train_beside_workers(setup, tasks, min(workers, len(tasks)), record_all)
     except concurrent.futures.process.BrokenProcessPool as e:
       raise retrain.TrainingError(
           f'{log_prefix} a worker process died ({e}); the {finished} members trained so '
