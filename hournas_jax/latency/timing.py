@@ -5,8 +5,9 @@ mean of `inner` back-to-back runs, `inner` grown until one sample takes `min_sam
 0.01 ms block is timed over hundreds of runs, above the timer's granularity and noise). A
 measurement whose spread, (p90 - p10) / median, exceeds `max_spread` is timed again, up to
 `retries` times, and the attempt of least spread kept. Around each attempt it reads the load
-(runnable processes) and the share of wall time the process spent on a CPU (`Machine`): figures from which
-`load_verdict` says whether the machine was too busy to trust them.
+(the processes running or waiting for a CPU) and the share of wall time the process spent on a
+CPU (`Machine`): figures from which `load_verdict` says whether the machine was too busy to
+trust them.
 """
 
 from __future__ import annotations
