@@ -281,8 +281,9 @@ def _train_beside_workers(setup: setup_lib.Setup, tasks: list, workers: int,
               in_flight, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
           for future in done:
             finished.put(future)
-      except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
-        # The pool was shut down (this process stopped) or broken: said once, by the result.
+      except RuntimeError as e:
+        # The pool was shut down (this process stopped) or broken (BrokenProcessPool is a
+        # RuntimeError): said once, by the result.
         broken = concurrent.futures.Future()
         broken.set_exception(e)
         finished.put(broken)
