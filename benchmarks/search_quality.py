@@ -296,7 +296,11 @@ def run_searches(base, out, methods_seeds, workers):
 # Ranking diagnostic.
 
 
-def inherited_scores(setup, engine, weights, archs, batch_size=64, calibration=20):
+# Batch size of the inherited-accuracy passes (ranking diagnostics).
+INHERITED_BATCH = 64
+
+
+def inherited_scores(setup, engine, weights, archs, batch_size=INHERITED_BATCH, calibration=20):
   """(top-1 on D_val of each architecture of `archs` with the SuperNet weights `weights` of the
   single-path `engine`, BatchNorm statistics recalibrated on `calibration` D_tr batches; what
   they were evaluated on)."""
@@ -316,8 +320,8 @@ def inherited_scores(setup, engine, weights, archs, batch_size=64, calibration=2
   return inherited, f'search_val ({images} images)'
 
 
-def ranking(setup_fn, out, base, random_archs, random_means, batch_size=64, calibration=20,
-            method=RANKING_METHOD):
+def ranking(setup_fn, out, base, random_archs, random_means, batch_size=INHERITED_BATCH,
+            calibration=20, method=RANKING_METHOD):
   """Kendall tau between inherited-weight accuracy (SuperNet of the `method` search, by default
   the no-vital-priority one, seed 0) and stand-alone accuracy, over the random architectures."""
   from hournas_jax import ranking as ranking_lib, search_phase  # pylint: disable=g-import-not-at-top

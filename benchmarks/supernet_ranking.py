@@ -31,7 +31,8 @@ the architectures' means), and the mean Kendall tau between two seeds' rankings.
 
 Resumable: the population store, each single-stage SuperNet's search workdir (checkpoints) and
 each recipe's result (<out>/recipes/<recipe>/result.json) live in --out; a rerun skips what is
-done. Prints a table, then a JSON last line: kendall_tau, spearman, regret_top1, recipe,
+done (a recipe's scores are reused only from the same D_val evaluation; otherwise its stored
+SuperNet is scored again). Prints a table, then a JSON last line: kendall_tau, spearman, regret_top1, recipe,
 supernet_steps, wall_s of the first recipe, and the same per recipe under 'recipes'. Default task:
 configs/quickstart.py (16 px digits); --config for another.
 """
@@ -218,18 +219,24 @@ def run_recipe(name, config, out, archs, truth):
   directory = os.path.join(out, 'recipes', name)
   path = os.path.join(directory, 'result.json')
   os.makedirs(directory, exist_ok=True)
-  fingerprint = search_phase.search_fingerprint(setup_lib.resolve_setup(config, directory))
+  setup = setup_lib.resolve_setup(config, directory)
+  fingerprint = search_phase.search_fingerprint(setup)
+  # Scores are reused only from the same evaluation: a dataset whose fixed D_val pass changed
+  # scores the stored SuperNet again (its training is kept in its workdir).
+  evaluation = {'split': 'search_val', 'calibration_batches': CALIBRATION,
+                'batches': setup.steps_per_epoch('search_val', search_quality.INHERITED_BATCH,
+                                                 train=False)}
   keys = [','.join(a) for a in archs]
   done = checkpoint.read_json(path) if os.path.exists(path) else None
-  if done and done['fingerprint'] == fingerprint and all(k in done['inherited'] for k in keys):
+  if (done and done['fingerprint'] == fingerprint and done.get('evaluation') == evaluation
+      and all(k in done['inherited'] for k in keys)):
     print(f'[supernet_ranking] {name}: done earlier ({path})', flush=True)
     inherited = [done['inherited'][k] for k in keys]
     timing = {k: done[k] for k in ('supernet_steps', 'supernet_wall_s', 'ranking_wall_s')}
   else:
-    print(f'[supernet_ranking] {name}: training its SuperNet', flush=True)
+    print(f'[supernet_ranking] {name}: training (or loading) its SuperNet and scoring', flush=True)
     start = time.time()
     if parse_recipe(name)['two_stage']:
-      setup = setup_lib.resolve_setup(config, directory)
       engine, weights, steps = _two_stage_supernet(setup)
       supernet_wall = time.time() - start
       start = time.time()
@@ -247,6 +254,7 @@ def run_recipe(name, config, out, archs, truth):
               'ranking_wall_s': time.time() - start}
     checkpoint.atomic_write_json(path, {
         'recipe': name, 'fingerprint': fingerprint, 'evaluated_on': evaluated_on,
+        'evaluation': evaluation,
         'inherited': dict(zip(keys, inherited)), **timing})
   return {'recipe': name,
           'kendall_tau': ranking.kendall_tau(inherited, truth),

@@ -69,3 +69,18 @@ def test_tiny_mode_trains_and_ranks_under_each_recipe(tmp_path, capsys, monkeypa
   assert printed.count('done earlier') == 4 and 'training 0' not in printed
   again = json.loads(printed.strip().splitlines()[-1])
   assert again['recipes'] == last['recipes']
+  # Scores from another evaluation (here: a stored D_val pass of another length) are not
+  # reused: the stored SuperNet is scored again, not trained again, and scores alike.
+  path = out / 'recipes' / 'distribution' / 'result.json'
+  stored = json.loads(path.read_text())
+  stored['evaluation']['batches'] += 1
+  path.write_text(json.dumps(stored))
+  supernet_ranking.main(['--out', str(out), *TINY])
+  printed = capsys.readouterr().out
+  assert printed.count('done earlier') == 3
+  assert '1 of 1 searches done; running 0' in printed
+  third = json.loads(printed.strip().splitlines()[-1])
+  assert third['recipes']['distribution']['inherited_top1'] == (
+      last['recipes']['distribution']['inherited_top1'])
+  rescored = json.loads(path.read_text())['evaluation']
+  assert rescored['batches'] == stored['evaluation']['batches'] - 1
