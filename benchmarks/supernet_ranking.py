@@ -32,9 +32,9 @@ the architectures' means), and the mean Kendall tau between two seeds' rankings.
 Resumable: the population store, each single-stage SuperNet's search workdir (checkpoints) and
 each recipe's result (<out>/recipes/<recipe>/result.json) live in --out; a rerun skips what is
 done (a recipe's scores are reused only from the same D_val evaluation; otherwise its stored
-SuperNet is scored again). Prints a table, then a JSON last line: kendall_tau, spearman, regret_top1, recipe,
-supernet_steps, wall_s of the first recipe, and the same per recipe under 'recipes'. Default task:
-configs/quickstart.py (16 px digits); --config for another.
+SuperNet is scored again). Prints a table, then a JSON last line: kendall_tau, spearman,
+regret_top1, recipe, supernet_steps, wall_s of the first recipe, and the same per recipe under
+'recipes'. Default task: configs/quickstart.py (16 px digits); --config for another.
 """
 
 from __future__ import annotations
